@@ -1,0 +1,27 @@
+# The course's two commands (see README):  `make lab`  and  `make test`.
+# Both create .venv on first use from requirements.txt (exact pins) and compile the
+# `sru` package's small C++ op once for this environment.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dmn-installed
+
+.PHONY: setup lab test notebooks clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -e .
+	$(PY) -m dmn_lib.setup_check
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: setup
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,136 @@
+"""The Simple Recurrent Unit (SRU, Lei et al. 2017) written out from scratch: paper §3.3, eq. 2-6.
+
+Taught in notebook 03, where it is built line by line, checked against the `sru` package and
+compared with an LSTM. Training uses the package by default (`DMNConfig.rnn = "sru"`: its CUDA
+kernel on GPU); this version exists to be read, and `copy_from_package` proves it computes the
+same function.
+
+One layer, for inputs x_1..x_T (DESIGN §1 restates the paper's flattened equations):
+
+    U = x W                                 all matrix products at once, for every t   (eq. 2-4)
+    f_t = σ(U_f + v_f ⊙ c_{t-1} + b_f)      forget gate                                 (eq. 3)
+    r_t = σ(U_r + v_r ⊙ c_{t-1} + b_r)      reset (highway) gate                        (eq. 4)
+    c_t = f_t ⊙ c_{t-1} + (1 - f_t) ⊙ x̃_t   the only sequential step: element-wise      (eq. 5)
+    h_t = r_t ⊙ g(c_t) + (1 - r_t) ⊙ x'_t   highway to the input                        (eq. 6)
+
+x̃_t = U_c (the candidate), and x'_t = x_t when the input and hidden sizes match, otherwise a
+fourth projection U_s. The recurrence is element-wise, so it is cheap: that is why SRUs train
+faster than LSTMs (the paper's Fig. 7). The paper's text picks g = sigmoid; the package's
+default is the identity and the original DMN code used tanh, so g is an option here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"identity": lambda c: c, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+class SRULayer(nn.Module):
+    """One SRU layer with the `sru` package's parameter layout (so weights can be copied).
+
+    weight   (input_size, hidden_size * k): columns interleaved per unit j as
+             [candidate_j, forget_j, reset_j(, skip_j)]; k = 4 adds the skip projection when
+             input_size != hidden_size.
+    weight_c (2 * hidden_size) = [v_f; v_r]     bias (2 * hidden_size) = [b_f; b_r]
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, activation: str = "identity"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
+        self.k = 3 if input_size == hidden_size else 4
+        self.weight = nn.Parameter(torch.empty(input_size, hidden_size * self.k))
+        self.weight_c = nn.Parameter(torch.empty(2 * hidden_size))
+        self.bias = nn.Parameter(torch.zeros(2 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The package's recipe: Var[W] = 1/input_size, weight_c uniform with unit variance * sqrt(.5).
+        bound = math.sqrt(3.0 / self.input_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.weight_c, -math.sqrt(3.0), math.sqrt(3.0))
+        self.weight_c.data.mul_(math.sqrt(0.5))
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T, B, input_size) -> h: (T, B, hidden_size), c_T: (B, hidden_size)."""
+        length, batch, _ = x.shape
+        d = self.hidden_size
+        # eq. 2-4: one matrix product for all time steps — the parallel part of the SRU.
+        U = (x @ self.weight).view(length, batch, d, self.k)
+        candidate, forget_in, reset_in = U[..., 0], U[..., 1], U[..., 2]
+        skip = U[..., 3] if self.k == 4 else x  # x'_t of eq. 6
+        v_f, v_r = self.weight_c.view(2, d)
+        b_f, b_r = self.bias.view(2, d)
+        g = ACTIVATIONS[self.activation]
+
+        c = x.new_zeros(batch, d) if c0 is None else c0
+        hs = []
+        for t in range(length):  # eq. 5-6: the sequential part is only element-wise
+            f = torch.sigmoid(forget_in[t] + v_f * c + b_f)
+            r = torch.sigmoid(reset_in[t] + v_r * c + b_r)
+            c = f * c + (1 - f) * candidate[t]
+            hs.append(r * g(c) + (1 - r) * skip[t])
+        return torch.stack(hs), c
+
+
+class SRU(nn.Module):
+    """A stack of `SRULayer`s: `SRU(input_size, hidden_size, num_layers)(x) -> (h, c)`.
+
+    x (T, B, input_size); h (T, B, hidden_size) from the last layer; c (num_layers, B, hidden_size).
+    Same call and return convention as `sru.SRU`.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, activation: str = "identity"):
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.layers = nn.ModuleList(
+            SRULayer(input_size if i == 0 else hidden_size, hidden_size, activation) for i in range(num_layers)
+        )
+
+    def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        last_cells = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, None if c0 is None else c0[i])
+            last_cells.append(c)
+        return x, torch.stack(last_cells)
+
+
+def copy_from_package(ours: SRU, theirs) -> SRU:
+    """Copy an `sru.SRU`'s weights into our `SRU` so both compute the same function.
+
+    Refuses configurations whose maths differ from eq. 2-6 as written here (rescaled highway,
+    projections, layer norm, bidirectional) instead of silently giving different outputs.
+    """
+    layers = list(theirs.rnn_lst)
+    if len(layers) != len(ours.layers):
+        raise ValueError(f"Layer count differs: ours {len(ours.layers)}, package {len(layers)}")
+    for i, (mine, cell) in enumerate(zip(ours.layers, layers)):
+        unsupported = {
+            "bidirectional": cell.bidirectional,
+            "projection_size": cell.projection_size,
+            "layer_norm": cell.layer_norm is not None,
+            "rescale": cell.rescale and float(cell.scale_x) != 1.0,
+            "custom_m": cell.custom_m is not None,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"Package layer {i} uses {bad}, which the from-scratch SRU does not implement")
+        if not cell.has_skip_term:
+            raise ValueError(f"Package layer {i} has no skip term (has_skip_term=False); eq. 6 needs it")
+        package_g = "tanh" if cell.activation_type == 1 else "identity"
+        if package_g != mine.activation:
+            raise ValueError(f"Activation g differs in layer {i}: ours {mine.activation!r}, package {package_g!r}")
+        if tuple(cell.weight.shape) != tuple(mine.weight.shape):
+            raise ValueError(
+                f"Layer {i} weight shape differs: ours {tuple(mine.weight.shape)}, package {tuple(cell.weight.shape)}"
+            )
+        with torch.no_grad():
+            mine.weight.copy_(cell.weight)
+            mine.weight_c.copy_(cell.weight_c)
+            mine.bias.copy_(cell.bias)
+    return ours
