@@ -10,6 +10,8 @@ words: DMN reads each sample's output at its last real word.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -25,7 +27,11 @@ class Recurrent(nn.Module):
         self.kind = kind
         if kind == "sru":
             sru = import_sru()
-            self.net = sru.SRU(input_size, hidden_size, num_layers=num_layers, use_tanh=(activation == "tanh"))
+            with warnings.catch_warnings():
+                # g = tanh is the original DMN code's choice; the package still supports it but
+                # flags the switch as deprecated. The default (identity) never warns.
+                warnings.filterwarnings("ignore", message="use_tanh = True is deprecated")
+                self.net = sru.SRU(input_size, hidden_size, num_layers=num_layers, use_tanh=(activation == "tanh"))
         elif kind == "sru_scratch":
             self.net = ScratchSRU(input_size, hidden_size, num_layers=num_layers, activation=activation)
         elif kind == "lstm":
