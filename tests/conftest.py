@@ -1,7 +1,9 @@
 """Shared test set-up: deterministic, CPU, two threads (what CI has)."""
 import os
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+import matplotlib
+
+matplotlib.use("Agg")  # this process only; notebook kernels keep the inline backend (../conftest.py)
 
 import pytest
 import torch

@@ -27,7 +27,8 @@ def image_to_tensor(image: np.ndarray | Image.Image) -> torch.Tensor:
         raise ValueError(f"Expected an HxWx3 RGB or HxW grayscale image, got an array of shape {array.shape}")
     if array.dtype != np.uint8:
         raise ValueError(f"Expected uint8 pixels (0-255), got {array.dtype}")
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    # copy: arrays from PIL are read-only, and torch must not share memory it may not write
+    tensor = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (tensor - mean) / std

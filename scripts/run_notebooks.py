@@ -1,0 +1,63 @@
+"""Regenerate the stored outputs of the course notebooks, exactly as CI checks them.
+
+    .venv/bin/python scripts/run_notebooks.py              # all notebooks, in order
+    .venv/bin/python scripts/run_notebooks.py 03 05        # only those whose name starts so
+
+Runs each notebook top to bottom in place with DMN_MODE=fast, on the CPU, with 2 threads
+(what CI has), and prints how long each took. Never save notebook outputs by hand or from a
+GPU run: `pytest --nbval` compares against what this script stores.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+FIXED_ENV = {
+    "DMN_MODE": "fast",
+    "CUDA_VISIBLE_DEVICES": "",
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+    "PYTHONHASHSEED": "0",
+    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    "TQDM_MININTERVAL": "1000",  # bars print their start and end, not every refresh
+}
+
+
+def notebooks(prefixes: list[str]) -> list[Path]:
+    found = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if prefixes:
+        found = [p for p in found if any(p.name.startswith(x) for x in prefixes)]
+    if not found:
+        sys.exit(f"No notebooks match {prefixes} in {NOTEBOOKS}")
+    return found
+
+
+def run(path: Path) -> float:
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    elapsed = time.perf_counter() - start
+    nbformat.write(nb, path)
+    return elapsed
+
+
+def main(argv: list[str]) -> None:
+    os.environ.update(FIXED_ENV)
+    total = 0.0
+    for path in notebooks(argv):
+        print(f"{path.name:<40}", end=" ", flush=True)
+        seconds = run(path)
+        total += seconds
+        print(f"{seconds:6.1f} s", flush=True)
+    print(f"{'total':<40} {total:6.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
