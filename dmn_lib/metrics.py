@@ -55,6 +55,8 @@ METRICS = ("cum_iou", "mean_iou")
 # ----------------------------------------------------------------------------------------------
 def _as_batch(x: Any, name: str) -> torch.Tensor:
     """HxW, BxHxW or Bx1xHxW (torch or numpy) -> a BxHxW tensor (no copy when possible)."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # torch warns on (and must not share) read-only memory, e.g. arrays from PIL
     t = torch.as_tensor(x)
     if t.ndim == 2:
         return t.unsqueeze(0)

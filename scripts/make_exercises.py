@@ -44,6 +44,7 @@ def exercise_copy(solution: nbformat.NotebookNode) -> nbformat.NotebookNode:
             continue
         cell.outputs = []
         cell.execution_count = None
+        cell.metadata.pop("execution", None)  # run timestamps: a copy must not change with every run
         if "solution" in cell.metadata.get("tags", []):
             cell.source = blank(cell.source)
     banner = nbformat.v4.new_markdown_cell(

@@ -251,5 +251,10 @@ def test_pretrained_file_loads_local_weights(tmp_path):
     loaded = model.visual.backbone.state_dict()
     # features_only flattens module names: "features.conv1_1" becomes "features_conv1_1"
     assert all(torch.equal(v, reference[k.replace("features_", "features.", 1)]) for k, v in loaded.items())
-    with pytest.raises(RuntimeError, match="Could not load backbone weights"):
+    with pytest.raises(FileNotFoundError, match="Backbone weights file not found"):
         DMN(cfg.replace(pretrained_file=str(tmp_path / "missing.pth")))
+    # weights of another network: refused, not silently ignored (timm loads features non-strictly)
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
+    with pytest.raises(RuntimeError, match="does not hold the weights"):
+        DMN(cfg.replace(pretrained_file=str(other)))

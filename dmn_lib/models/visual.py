@@ -6,6 +6,8 @@ A timm backbone built with `features_only=True` returns the feature maps at stri
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torch
 from torch import nn
@@ -35,12 +37,17 @@ class VisualModule(nn.Module):
 def create_backbone(config: DMNConfig) -> nn.Module:
     """timm.create_model(..., features_only=True) for the first N scales, with clear weight errors."""
     kwargs = dict(features_only=True, out_indices=tuple(range(config.num_scales)), **config.backbone_kwargs)
+    if config.pretrained_file and not Path(config.pretrained_file).is_file():
+        raise FileNotFoundError(f"Backbone weights file not found: {config.pretrained_file}")
     if config.pretrained_file:
         # timm reads local weights through the pretrained config's `file` entry: no network needed.
         kwargs["pretrained_cfg_overlay"] = dict(file=str(config.pretrained_file))
     pretrained = config.pretrained or bool(config.pretrained_file)
     try:
-        return timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+        backbone = timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+        if config.pretrained_file:
+            _check_weights_file(backbone, config.pretrained_file, config.backbone)
+        return backbone
     except (OSError, RuntimeError, ValueError, ImportError) as err:
         if not pretrained:
             raise
@@ -54,3 +61,38 @@ def create_backbone(config: DMNConfig) -> nn.Module:
             "checkpoint on a machine with internet and pass DMNConfig(pretrained_file='path/to/weights.pth' "
             "or '.safetensors'), or train from scratch with pretrained=False."
         ) from err
+
+
+def _read_weights_file(path: str | Path) -> dict:
+    """A state dict from a .safetensors or torch file (also one wrapped as {"state_dict": ...})."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _check_weights_file(backbone: nn.Module, path: str | Path, name: str) -> None:
+    """timm loads weights into a features_only model non-strictly, so a file for another network
+    would silently leave random weights. Every backbone tensor must be in the file, equal."""
+    flat = lambda key: key.replace(".", "_")  # noqa: E731 - features_only flattens module names
+    saved = {flat(k): v for k, v in _read_weights_file(path).items()}
+    missing, different = [], []
+    for key, value in backbone.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if flat(key) not in saved:
+            missing.append(key)
+        elif tuple(saved[flat(key)].shape) != tuple(value.shape) or not torch.equal(saved[flat(key)].to(value.dtype), value):
+            different.append(key)
+    if missing or different:
+        raise RuntimeError(
+            f"{path} does not hold the weights of backbone {name!r}: {len(missing)} tensors missing "
+            f"(e.g. {missing[:3]}), {len(different)} not loaded or of another shape (e.g. {different[:3]}). "
+            "Use the full timm model's state_dict for this backbone and backbone_kwargs."
+        )

@@ -1,0 +1,64 @@
+"""Turn a training run folder into the small, committed results the notebooks load.
+
+    .venv/bin/python scripts/export_results.py runs/course_unc results/course/unc
+
+writes  model.pt      the weights in fp16 (dmn_lib.checkpoint.export_model; loads with load_model)
+        history.json  the training curves
+        run.json      config, train config, final validation metrics, wall time, device,
+                      library versions, git commit and the command that trained it
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from dmn_lib import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="folder with checkpoint.pt (python -m dmn_lib train --out)")
+    parser.add_argument("out_dir", type=Path, help="results folder, e.g. results/course/unc")
+    parser.add_argument("--command", default=None, help="the command that trained the run (recorded)")
+    args = parser.parse_args(argv)
+
+    source = args.run_dir / "checkpoint.pt"
+    state = ckpt.load_checkpoint(source)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.export_model(source, args.out_dir / "model.pt")
+    if (args.run_dir / "history.json").is_file():
+        shutil.copyfile(args.run_dir / "history.json", args.out_dir / "history.json")
+    history = state.get("history") or {}
+    val = history.get("val") or []
+    run = {
+        "command": args.command or (state.get("extra") or {}).get("command"),
+        "config": state["config"],
+        "train_config": state.get("train_config"),
+        "progress": state.get("progress"),
+        "final_val": val[-1] if val else None,
+        "extra": state.get("extra"),
+        "versions": state.get("versions"),
+        "git_commit": git_commit(),
+        "size": "course",
+    }
+    (args.out_dir / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    sizes = {p.name: p.stat().st_size for p in args.out_dir.iterdir()}
+    print(f"wrote {args.out_dir}: " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in sorted(sizes.items())))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
