@@ -17,8 +17,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m dmn_lib.setup_check
 	touch $(STAMP)
 
+# (JupyterLab refuses to run as root unless told: containers often are root)
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup
 	$(PY) -m pytest
