@@ -356,14 +356,9 @@ def cmd_predict(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     Image.fromarray((mask * 255).astype(np.uint8)).save(out / "mask.png")
-    rgb = np.asarray(image)
-    try:
-        from dmn_lib.viz import heatmap
+    from dmn_lib.viz import heatmap
 
-        overlay = heatmap(prob, rgb, alpha=0.5)
-    except ImportError:  # viz needs matplotlib; fall back to a red tint
-        overlay = (rgb * (1 - 0.5 * prob[..., None]) + np.array([255, 0, 0]) * 0.5 * prob[..., None]).astype(np.uint8)
-    Image.fromarray(overlay).save(out / "overlay.png")
+    Image.fromarray(heatmap(prob, np.asarray(image), alpha=0.5)).save(out / "overlay.png")
     info = {"checkpoint": str(args.checkpoint), "image": str(args.image), "query": args.query,
             "tokens": [vocab.itos[i] for i in ids], "threshold": threshold, "network_size": size,
             "mask_fraction": float(mask.mean()), "max_probability": float(prob.max())}
