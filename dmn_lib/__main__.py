@@ -202,7 +202,8 @@ def cmd_train(args) -> int:
     model = DMN(config)
     trainer = Trainer(model, train_set, vocab, tcfg, val_set, resume=args.resume,
                       extra={"data": {**settings, "train_size": len(train_set), "val_size": args.val_size},
-                             "preset": args.preset})
+                             "preset": args.preset,
+                             "command": "python -m dmn_lib " + " ".join(sys.argv[1:])})
     if main:
         print(f"DMN {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
               f"{trainer.device}, {trainer.dist.world_size} process(es); {len(train_set)} training samples, "

@@ -589,7 +589,7 @@ class Trainer:
             if out_of_time:
                 if self.is_main and self.config.progress:
                     tqdm.write(f"Stopped at step {self.step}/{self.total_steps}: max_minutes="
-                               f"{self.config.max_minutes} reached (resume=True goes on)")
+                               f"{self.config.max_minutes:g} reached (resume=True goes on)")
                 break
         bar.close()
         if self.dist.enabled:
