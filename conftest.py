@@ -1,18 +1,16 @@
 """Repository-wide pytest set-up, also for `pytest --nbval` on notebooks/.
 
-The notebook kernels inherit this environment: fast mode, CPU, two threads — the same settings
-scripts/run_notebooks.py uses when it stores the outputs nbval compares against.
+The notebook kernels inherit this environment: the very settings (fast mode, CPU, two threads,
+inline figures) that scripts/run_notebooks.py used when it stored the outputs nbval compares
+against — one definition, `FIXED_ENV`, so the two cannot drift apart. Variables the caller has set
+win (setdefault). Unit tests switch matplotlib to Agg themselves (tests/conftest.py).
 """
 import os
+import sys
+from pathlib import Path
 
-for key, value in {
-    "DMN_MODE": "fast",
-    "CUDA_VISIBLE_DEVICES": "",
-    "OMP_NUM_THREADS": "2",
-    "MKL_NUM_THREADS": "2",
-    "PYTHONHASHSEED": "0",
-    "TQDM_MININTERVAL": "1000",
-    # kernels draw inline, as when the outputs were stored (unit tests switch to Agg themselves)
-    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-}.items():
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from run_notebooks import FIXED_ENV  # noqa: E402
+
+for key, value in FIXED_ENV.items():
     os.environ.setdefault(key, value)
