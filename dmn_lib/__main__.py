@@ -396,16 +396,48 @@ def cmd_benchmark(args) -> int:
 
 
 def add_experiment_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("experiment", help="(not implemented yet) the GPU runs behind the notebooks' results")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser(
+        "experiment", epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="the paper's experiments: ablation (Table 1), rnn (Fig. 7), table2; notebooks 09-10",
+        description="Train and evaluate every row of an experiment into OUT/<experiment>/<row>/ (resumable: "
+                    "done rows are skipped, cut-off rows resume), then write its tables and figures. "
+                    "`report` only regenerates the tables and figures from the results under --out.")
+    p.add_argument("experiment", choices=("ablation", "rnn", "table2", "all", "report"),
+                   help="all = the three experiments in one queue")
+    p.add_argument("--size", choices=("course", "full", "fast"), default="course",
+                   help="course: the course preset on 2 CPU cores; full: the paper's sizes on a GPU; "
+                        "fast: seconds per row, to check the pipeline (numbers meaningless)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default=None, help="results folder (default: results/<size>)")
+    p.add_argument("--jobs", type=int, default=1, help="rows trained side by side (separate processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_experiment)
     return p
 
 
 def cmd_experiment(args) -> int:
-    print("`python -m dmn_lib experiment` is not implemented yet. Until it is, use `train` and "
-          "`evaluate` (see `python -m dmn_lib train --help`).", file=sys.stderr)
-    return 2
+    from dmn_lib import experiment
+
+    out = Path(args.out or f"results/{args.size}")
+    if args.experiment == "report":
+        if not out.is_dir():
+            raise UsageError(f"No results folder {out}: run an experiment first, e.g. "
+                             f"{experiment.make_command('ablation', args.size, str(out))}")
+        experiment.report(out)
+        return 0
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    names = list(experiment.EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    command = "python -m dmn_lib " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
+    experiment.run_experiment(names, size=args.size, out=out, device=args.device, jobs=args.jobs,
+                              threads=args.threads, progress=not args.no_progress, command=command)
+    return 0
 
 
 # =============================================================================================

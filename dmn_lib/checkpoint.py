@@ -300,7 +300,10 @@ def load_model(path: str | Path, map_location="cpu"):
         vocab = Vocabulary.from_dict(checkpoint["vocab"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its config or vocabulary cannot be read by this dmn_lib: {err}") from err
-    model = DMN(config)
+    # The weights come from the checkpoint: do not read the backbone's ImageNet file again (it may
+    # not exist on this machine); the config keeps the record of where they came from.
+    model = DMN(config.replace(pretrained=False, pretrained_file=None))
+    model.config = config
     load_model_state(model, checkpoint, source=str(path))
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
     meta = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}

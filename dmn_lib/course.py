@@ -51,7 +51,7 @@ def settings(mode: str | None = None) -> ModeSettings:
         )
     table = {
         "fast": ModeSettings("fast", 128, 600, 200, 0.75, 16, 0, "cpu"),
-        "course": ModeSettings("course", 192, 20000, 1000, 15.0, 16, 2, "cuda" if cuda else "cpu"),
+        "course": ModeSettings("course", 192, 20000, 1000, 15.0, 16, 1, "cuda" if cuda else "cpu"),
         "full": ModeSettings("full", 192, 60000, 2000, 60.0, 64, 8, "cuda"),
     }
     return table[mode]

@@ -44,11 +44,6 @@ def test_every_command_has_help(command, capsys):
     assert code == 0 and "usage: python -m dmn_lib " + command in out
 
 
-def test_experiment_is_a_clear_stub(capsys):
-    code, _, err = run_cli(["experiment"], capsys)
-    assert code == 2 and "not implemented yet" in err
-
-
 def test_train_writes_checkpoint_and_history(trained):
     run = trained["checkpoint"].parent
     history = json.loads((run / "history.json").read_text())

