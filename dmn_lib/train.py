@@ -432,8 +432,11 @@ class Trainer:
             raise ValueError("plateau_metric='val_iou' needs a val_set (or use plateau_metric='val_loss')")
         self.val_loader = None
         if val_set is not None and self.is_main:  # rank 0 validates and shares the result
-            self.val_loader = make_loader(val_set, vocab, config.batch_size, num_workers=config.num_workers,
-                                          pin_memory=pin)
+            # In the main process (num_workers=0): validation runs while the training loader's workers
+            # are alive, and worker processes forked then inherit that loader's iterator, whose cleanup
+            # fails in them ("AssertionError: can only test a child process", printed at every
+            # validation). Validation sets are small; generating or decoding them here costs little.
+            self.val_loader = make_loader(val_set, vocab, config.batch_size, num_workers=0, pin_memory=pin)
         self.steps_low = config.steps_low or math.ceil(config.epochs_low * self.steps_per_epoch)
         self.steps_high = config.steps_high or math.ceil(config.epochs_high * self.steps_per_epoch)
         self.total_steps = self.steps_low + self.steps_high
