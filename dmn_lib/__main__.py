@@ -411,6 +411,8 @@ def add_experiment_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default: results/<size>)")
     p.add_argument("--jobs", type=int, default=1, help="rows trained side by side (separate processes)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
+    p.add_argument("--only", default=None, metavar="ROW[,ROW...]",
+                   help="train only these rows, e.g. --only full,only_vm (default: every row)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_experiment)
     return p
@@ -436,7 +438,8 @@ def cmd_experiment(args) -> int:
     names = list(experiment.EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     command = "python -m dmn_lib " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
     experiment.run_experiment(names, size=args.size, out=out, device=args.device, jobs=args.jobs,
-                              threads=args.threads, progress=not args.no_progress, command=command)
+                              threads=args.threads, progress=not args.no_progress, command=command,
+                              only=args.only.split(",") if args.only else None)
     return 0
 
 

@@ -323,18 +323,25 @@ def _run_row_job(args: tuple) -> tuple[str, str, float, float]:
 def run_experiment(experiments: str | list[str], size: str = "course", out: str | Path = "results/course",
                    device: str = "cpu", jobs: int = 1, threads: int | None = None, progress: bool = True,
                    command: str | None = None, echo: Callable[[str], None] = print,
-                   figures_dir: str | Path | None = None) -> list[Path]:
+                   figures_dir: str | Path | None = None, only: list[str] | None = None) -> list[Path]:
     """Train and evaluate every row of one or more experiments (done rows are skipped, cut-off rows
-    resume), then write the experiments' tables and figures. With jobs > 1, rows train side by side
+    resume; `only` restricts it to the named rows), then write the experiments' tables and figures.
+    With jobs > 1, rows train side by side
     in separate processes (`threads` torch threads each; the default splits the cores between them)."""
     from tqdm.auto import tqdm
 
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {sorted(SIZES)}")
+    known = {row.name for experiment in experiments for row in rows(experiment)}
+    unknown = sorted(set(only or ()) - known)
+    if unknown:
+        raise ValueError(f"Unknown rows {unknown} for {experiments}; choose from {sorted(known)}")
     todo, seen = [], set()
     for experiment in experiments:
         for row in rows(experiment):
+            if only and row.name not in only:
+                continue
             folder = run_dir(out, experiment, row)
             if folder not in seen:
                 seen.add(folder)
@@ -461,7 +468,7 @@ def rnn_summary(out: str | Path) -> dict:
     return summary
 
 
-def plot_ablation(table, ax=None, image_only: float | None = None):
+def plot_ablation(table, ax=None, image_only: float | None = None, size: str = "course"):
     """Bars: our cumulative IoU per row beside the paper's (two panels do not share a scale: SynthRef
     at course size is not UNC)."""
     import matplotlib.pyplot as plt
@@ -471,7 +478,7 @@ def plot_ablation(table, ax=None, image_only: float | None = None):
         _, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
     frame = table.reset_index().melt(id_vars=["row", "method"], value_vars=["cum IoU", "paper cum IoU"],
                                      var_name="source", value_name="cumulative IoU (%)")
-    frame["source"] = frame["source"].map({"cum IoU": "ours (SynthRef unc testA, course size)",
+    frame["source"] = frame["source"].map({"cum IoU": f"ours (SynthRef unc testA, {size} size)",
                                            "paper cum IoU": "paper (UNC testA)"})
     sns.barplot(frame, y="method", x="cumulative IoU (%)", hue="source", ax=ax, palette=["C0", "0.7"])
     if image_only is not None:
@@ -523,8 +530,10 @@ def _markdown(frame, digits: int = 1) -> str:
 
 def report(out: str | Path, experiments: list[str] | None = None, figures_dir: str | Path | None = None,
            echo: Callable[[str], None] = print) -> list[Path]:
-    """Regenerate every table (markdown, under OUT/<experiment>/) and figure (figures/, named by
-    size, e.g. 09_ablation_course.png) from the results that exist; returns the files written."""
+    """Regenerate every table (markdown, under OUT/<experiment>/) and figure (named by size, e.g.
+    results_course_ablation.png; in the repository's figures/ for results under results/, else in
+    OUT/figures/) from the results that exist; returns the files written. (Notebooks 09-10 draw
+    their own, more detailed figures from the same files.)"""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -533,7 +542,10 @@ def report(out: str | Path, experiments: list[str] | None = None, figures_dir: s
     from dmn_lib.viz import save_figure
 
     out = Path(out)
-    figures = Path(figures_dir) if figures_dir else REPO_ROOT / "figures"
+    if figures_dir is None:  # the repository's figures/ for its own results; beside other results otherwise
+        inside = (REPO_ROOT / "results") in out.resolve().parents
+        figures_dir = REPO_ROOT / "figures" if inside else out / "figures"
+    figures = Path(figures_dir)
     written = []
     for experiment in experiments or list(EXPERIMENTS):
         runs = load_runs(out, experiment)
@@ -545,8 +557,8 @@ def report(out: str | Path, experiments: list[str] | None = None, figures_dir: s
             table = ablation_table(out)
             tables = {"table1.md": _markdown(table), "by_kind.md": _markdown(by_kind_table(out))}
             fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
-            plot_ablation(table, ax)
-            name = f"09_ablation_{size}.png"
+            plot_ablation(table, ax, size=size)
+            name = f"results_{size}_ablation.png"
         elif experiment == "rnn":
             summary = rnn_summary(out)
             lines = ["| RNN | minutes per epoch (wall) | epochs | val cum IoU | testA cum IoU | parameters |",
@@ -557,7 +569,7 @@ def report(out: str | Path, experiments: list[str] | None = None, figures_dir: s
             tables = {"fig7.md": "\n".join(lines)}
             fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2), layout="constrained")
             plot_rnn(out, axes)
-            name = f"10_sru_vs_lstm_{size}.png"
+            name = f"results_{size}_sru_vs_lstm.png"
         else:
             tables = {"table2.md": _markdown(table2(out).T)}
             fig = None

@@ -88,7 +88,7 @@ def test_run_experiment_and_report(tmp_path, test_size, monkeypatch):
                                         echo=lines.append, command="test", figures_dir=tmp_path / "figures")
     assert lines[0].startswith("3 runs, 0 already done")  # only_vm, full (= rnn's sru), lstm
     names = {p.name for p in written}
-    assert {"table1.md", "by_kind.md", "fig7.md", "09_ablation_test.png", "10_sru_vs_lstm_test.png"} <= names
+    assert {"table1.md", "by_kind.md", "fig7.md", "results_test_ablation.png", "results_test_sru_vs_lstm.png"} <= names
     table = experiment.ablation_table(tmp_path)
     assert list(table.index) == ["only_vm", "full"]
     assert table.loc["full", "paper cum IoU"] == experiment.PAPER_TABLE1["full"]["cum_iou"]
