@@ -517,7 +517,9 @@ def plot_rnn(out: str | Path, axes=None):
 def _markdown(frame, digits: int = 1) -> str:
     """A DataFrame as a markdown table (numbers rounded), without extra dependencies."""
     def cell(v):
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "—" if v != v else f"{v:.{digits}f}"  # NaN: no such number (e.g. no paper row)
+        return str(v)
 
     index_name = " / ".join(str(n) for n in frame.index.names if n) or ""
     lines = ["| " + " | ".join([index_name] + [str(c) for c in frame.columns]) + " |",

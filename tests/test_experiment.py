@@ -99,6 +99,10 @@ def test_run_experiment_and_report(tmp_path, test_size, monkeypatch):
     experiment.run_experiment("rnn", size=test_size, out=tmp_path, progress=False, echo=lines.append,
                               figures_dir=tmp_path / "figures")
     assert lines[0].startswith("2 runs, 2 already done; training 0")
+    lines.clear()
+    experiment.run_experiment("ablation", size=test_size, out=tmp_path, progress=False, echo=lines.append,
+                              figures_dir=tmp_path / "figures", only=["only_vm"])
+    assert lines[0].startswith("1 runs, 1 already done")
     layout = experiment.table2(tmp_path)  # Table 2's unc column is the ablation's full DMN; the rest missing
     assert layout.loc["DMN, ours (SynthRef, test size)", ("UNC", "testA")] == table.loc["full", "cum IoU"]
     assert layout.loc["DMN, ours (SynthRef, test size)", ("GRef", "val")] != layout.loc["DMN, ours (SynthRef, test size)", ("GRef", "val")]
@@ -121,6 +125,9 @@ def test_cli_experiment_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(["experiment", "report", "--out", str(tmp_path / "nothing")])
     assert exit_info.value.code == 2 and "No results folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["experiment", "table2", "--only", "coco", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "Unknown rows ['coco']" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as exit_info:
             cli(["experiment", "rnn", "--device", "cuda", "--out", str(tmp_path)])
