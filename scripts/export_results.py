@@ -12,21 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from dmn_lib import checkpoint as ckpt
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+from dmn_lib.experiment import _git_commit as git_commit  # the commit of this checkout, as experiments record it
 
 
 def main(argv: list[str]) -> None:
