@@ -224,7 +224,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def _row_spec(experiment: str, row: Row, size: Size, size_name: str, device: str) -> dict:
+def _row_spec(row: Row, size: Size, size_name: str, device: str) -> dict:
     """What defines a run's result; a folder made with another spec is not silently reused."""
     return {"row": row.to_dict(), "size_name": size_name, "size": size.to_dict(), "device_type": device.split(":")[0]}
 
@@ -237,18 +237,19 @@ def run_row(experiment: str, row: Row, size_name: str = "course", out: str | Pat
             device: str = "cpu", threads: int | None = None, progress: bool = True, seed: int = 0,
             command: str | None = None) -> dict:
     """Train and evaluate one row (or resume it, or return it if done); returns its run.json."""
+    from dmn_lib.benchmark import device_name
     from dmn_lib.models.dmn import DMN
-    from dmn_lib.train import TrainConfig, build_vocabulary, evaluate, make_loader, train
+    from dmn_lib.train import TrainConfig, build_vocabulary, evaluate, make_loader, train, write_json
 
     if threads:
         torch.set_num_threads(threads)
     size = SIZES[size_name]
     folder = run_dir(out, experiment, row)
-    spec = _row_spec(experiment, row, size, size_name, device)
+    spec = _row_spec(row, size, size_name, device)
     if (folder / "run.json").is_file():
         saved = json.loads((folder / "run.json").read_text())
         if saved.get("spec", {}).get("size") != spec["size"] or saved.get("spec", {}).get("row", {}).get("model") != row.model:
-            raise RuntimeError(
+            raise ckpt.CheckpointError(  # a RuntimeError the CLI reports in one line
                 f"{folder} holds a run made with other settings (size or model). Use another --out, "
                 f"or delete {folder} to train this row again."
             )
@@ -287,7 +288,6 @@ def run_row(experiment: str, row: Row, size_name: str = "course", out: str | Pat
                           "by_lookalikes": {str(k): v for k, v in
                                             r["sweep"].summary_by("n_lookalikes", r["threshold"]).items()}}
     ckpt.export_model(folder / "checkpoint.pt", folder / "model.pt")
-    from dmn_lib.benchmark import device_name
 
     progress_state = state["progress"]
     steps_per_epoch = size.train_size // size.batch_size
@@ -307,8 +307,6 @@ def run_row(experiment: str, row: Row, size_name: str = "course", out: str | Pat
         },
         "final_val": history["val"][-1] if history["val"] else None,
     }
-    from dmn_lib.train import write_json
-
     write_json(folder / "run.json", run)
     return run
 
@@ -347,7 +345,8 @@ def run_experiment(experiments: str | list[str], size: str = "course", out: str 
                 seen.add(folder)
                 todo.append((experiment, row))
     # Runs whose times are compared (Fig. 7) go first, side by side, so they share the machine alike.
-    todo.sort(key=lambda er: (run_dir(out, *er) not in {run_dir(out, "rnn", r) for r in rows("rnn")}))
+    timed_together = {run_dir(out, "rnn", r) for r in rows("rnn")}
+    todo.sort(key=lambda er: run_dir(out, *er) not in timed_together)
     pending = [(e, r) for e, r in todo if not _is_done(run_dir(out, e, r))]
     echo(f"{len(todo)} runs, {len(todo) - len(pending)} already done; training {len(pending)} "
          f"({size} size, {device}, {jobs} at a time) into {out}")

@@ -9,7 +9,7 @@ import torch
 
 from dmn_lib import DMN, DMNConfig, experiment
 from dmn_lib.__main__ import main as cli
-from dmn_lib.checkpoint import load_model
+from dmn_lib.checkpoint import CheckpointError, load_model
 
 TEST_SIZE = experiment.Size("tiny", 64, 32, 8, 8, steps_low=1, steps_high=1, batch_size=4, eval_every=1)
 
@@ -77,7 +77,7 @@ def test_run_row_writes_results_and_skips_or_resumes(tmp_path, test_size, monkey
 
     # a folder made with other settings is never silently reused
     monkeypatch.setitem(experiment.SIZES, "test", dataclasses.replace(TEST_SIZE, steps_high=3))
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(CheckpointError, match="other settings"):  # reported by the CLI in one line
         experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False)
 
 
