@@ -1,16 +1,39 @@
 """Repository-wide pytest set-up, also for `pytest --nbval` on notebooks/.
 
-The notebook kernels inherit this environment: the very settings (fast mode, CPU, two threads,
-inline figures) that scripts/run_notebooks.py used when it stored the outputs nbval compares
-against — one definition, `FIXED_ENV`, so the two cannot drift apart. Variables the caller has set
-win (setdefault). Unit tests switch matplotlib to Agg themselves (tests/conftest.py).
+Every notebook kernel that nbval starts runs under the "check" setting of scripts/run_notebooks.py
+(one definition, `SETTINGS`, shared with the script that stores the outputs): fast mode, no GPU, and a
+CPU setting that differs from the one the outputs were stored under (PyTorch's portable kernels, MKL and
+oneDNN capped at AVX2, one thread). An output that depends on the CPU therefore fails `make test` on
+any machine, the one that stored it included. `DMN_NBVAL_SETTING=store` checks under the store setting
+instead (to show the other direction). The unit tests' own process is not affected.
 """
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from run_notebooks import FIXED_ENV  # noqa: E402
+import pytest
 
-for key, value in FIXED_ENV.items():
-    os.environ.setdefault(key, value)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from run_notebooks import SETTINGS  # noqa: E402
+
+
+def notebook_env() -> dict:
+    name = os.environ.get("DMN_NBVAL_SETTING", "check")
+    if name not in SETTINGS:
+        raise pytest.UsageError(f"DMN_NBVAL_SETTING={name!r} is not one of {sorted(SETTINGS)}")
+    return SETTINGS[name]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """nbval starts a notebook's kernel while setting up its first cell: give that kernel the setting."""
+    if type(item).__name__ != "IPyNbCell":
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(notebook_env())
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
