@@ -80,8 +80,9 @@ def test_batch_with_mixed_lengths_equals_per_sample(rnn, order):
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
 
 
-def test_return_steps_ends_at_the_full_query():
-    model = DMN(DMNConfig.preset("tiny", vocab_size=VOCAB)).eval()
+@pytest.mark.parametrize("order", ["per_pixel", "flattened"])
+def test_return_steps_ends_at_the_full_query(order):
+    model = DMN(DMNConfig.preset("tiny", vocab_size=VOCAB, msru_order=order)).eval()
     images, tokens, lengths = _batch(lengths=(4, 2, 3))
     with torch.no_grad():
         logits, steps = model(images, tokens, lengths, return_steps=True)
@@ -95,11 +96,12 @@ def test_msru_runs_independently_at_every_pixel():
     for order, isolated in [("per_pixel", True), ("flattened", False)]:
         sm = DMN(DMNConfig.preset("tiny", vocab_size=VOCAB, msru_order=order)).synthesis.eval()
         M = torch.randn(1, 3, sm.config.sm_channels, 4, 5)
-        out = sm._per_pixel(M) if order == "per_pixel" else sm._flattened(M)
+        lengths = torch.tensor([3])
+        out = sm._per_pixel(M)[:, -1] if order == "per_pixel" else sm._flattened(M, lengths)
         M2 = M.clone()
         M2[0, :, :, 1, 2] += 1.0
-        out2 = sm._per_pixel(M2) if order == "per_pixel" else sm._flattened(M2)
-        changed = (out2 - out).abs().amax(dim=(0, 1, 2)) > 1e-6  # H' x W'
+        out2 = sm._per_pixel(M2)[:, -1] if order == "per_pixel" else sm._flattened(M2, lengths)
+        changed = (out2 - out).abs().amax(dim=(0, 1)) > 1e-6  # H' x W'
         assert changed[1, 2]
         assert (changed.sum() == 1) == isolated
 

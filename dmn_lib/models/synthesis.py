@@ -7,8 +7,11 @@
 
 The multimodal SRU (mSRU) is an SRU whose "1x1 convolution" shares weights over pixels: it runs
 over the words t *independently at every pixel* (the pixels are the batch). The original release
-flattened all pixels x words into one sequence, so the state leaked from pixel to pixel;
-`msru_order="flattened"` reproduces that for an exercise (notebook 05). Taught in notebook 05.
+(batch 1) flattened all pixels x words into ONE pixel-major sequence (for each pixel in raster order,
+its words in order) and read R_N from the last H'W' steps of it, so the state leaks from pixel to
+pixel and, for T > 1, the read-out mixes pixels and words. `msru_order="flattened"` reproduces that
+exactly, batched (tested on tagged tensors, tests/test_msru_order.py), for notebook 05's exercise.
+Taught in notebook 05; the design document (docs/design.md, "paper vs original vs ours") compares both.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ LOC_CHANNELS = 8
 def location_map(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """LOC: 8 x H' x W' — at cell (h, w): xmin, ymin, xmax, ymax, xctr, yctr, 1/W', 1/H'.
 
-    Coordinates are normalised to [-1, 1] (DESIGN §1), so the same query ("the left ring") maps
+    Coordinates are normalised to [-1, 1] (docs/design.md), so the same query ("the left ring") maps
     to the same numbers whatever the image size.
     """
     w = torch.arange(width, device=device, dtype=dtype).view(1, width).expand(height, width)
@@ -104,25 +107,51 @@ class SynthesisModule(nn.Module):
         if self.msru is None:
             R = self.visual_only(M[:, 0])
             return R, (R.unsqueeze(1) if return_steps else None)
-        if self.config.msru_order == "per_pixel":
-            steps = self._per_pixel(M)
-        else:
-            steps = self._flattened(M)
+        if self.config.msru_order == "flattened":
+            R = self._flattened(M, lengths)
+            steps = None
+            if return_steps:  # the original's R_N had the query stopped after word t
+                steps = torch.stack([self._flattened(M, lengths.clamp(max=t)) for t in range(1, M.shape[1] + 1)], 1)
+            return R, steps
+        steps = self._per_pixel(M)
         # R_N: each sample's output at its last real word (right padding never reaches it: causal).
         last = (lengths - 1).view(-1, 1, 1, 1, 1).expand(-1, 1, *steps.shape[2:])
         R = steps.gather(1, last).squeeze(1)
         return R, (steps if return_steps else None)
 
     def _per_pixel(self, M: torch.Tensor) -> torch.Tensor:
-        """eq. 10 as the paper means it: the pixels are the batch, the words are the sequence."""
+        """eq. 10 as the paper means it: the pixels are the batch, the words are the sequence.
+        M: B x T x C x H' x W' -> the output after every word, B x T x hidden x H' x W'."""
         batch, length, channels, height, width = M.shape
         seq = M.permute(1, 0, 3, 4, 2).reshape(length, batch * height * width, channels)
         out = self.msru(seq)  # T x (B*H'*W') x hidden
         return out.view(length, batch, height, width, -1).permute(1, 0, 4, 2, 3)
 
-    def _flattened(self, M: torch.Tensor) -> torch.Tensor:
-        """The original release: ONE sequence of words x pixels per image (state leaks across pixels)."""
+    def _flattened(self, M: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The original release: ONE sequence per image, pixel-major (for each pixel in raster order,
+        its words in order), and R_N read from its LAST H'*W' steps. -> B x hidden x H' x W'.
+
+        Batched exactly as the original ran each image alone: sample b's sequence holds its own
+        H'W' x lengths[b] steps, and its padding words are moved to the end, where the causal SRU never
+        lets them reach the read-out.
+        """
         batch, length, channels, height, width = M.shape
-        seq = M.permute(1, 3, 4, 0, 2).reshape(length * height * width, batch, channels)
-        out = self.msru(seq)  # (T*H'*W') x B x hidden, word-major
-        return out.view(length, height, width, batch, -1).permute(3, 0, 4, 1, 2)
+        pixels = height * width
+        seq = M.permute(3, 4, 1, 0, 2).reshape(pixels * length, batch, channels)  # step p*T + t
+        index = original_sequence_index(lengths, length, pixels)  # (H'W'T) x B
+        seq = seq.gather(0, index.unsqueeze(-1).expand(-1, -1, channels))
+        out = self.msru(seq)  # (H'W'T) x B x hidden
+        first = (pixels * (lengths - 1)).view(1, batch)  # where sample b's last H'W' steps start
+        readout = first + torch.arange(pixels, device=M.device).view(pixels, 1)
+        R = out.gather(0, readout.unsqueeze(-1).expand(-1, -1, out.shape[-1]))  # H'W' x B x hidden
+        return R.permute(1, 2, 0).reshape(batch, -1, height, width)
+
+
+def original_sequence_index(lengths: torch.Tensor, length: int, pixels: int) -> torch.Tensor:
+    """(pixels*length) x B: for each sample, the steps p*length + t of its real words in the original's
+    pixel-major order (p outer, t inner), followed by its padding steps."""
+    t = torch.arange(length, device=lengths.device)
+    step = torch.arange(pixels * length, device=lengths.device)
+    padding = (t.repeat(pixels).unsqueeze(0) >= lengths.view(-1, 1))  # B x (pixels*length)
+    key = step.unsqueeze(0) + padding * (pixels * length)  # real steps first, in order
+    return key.argsort(dim=1).t()
