@@ -10,7 +10,7 @@ expression that picks out exactly that target:
     relation   "the ring above the small green shape"         (where it is relative to a landmark)
     stuff      "the green striped area"              (a background region; `referit` only)
 
-Why it is built this way (DESIGN.md §4.1, paper §4.1):
+Why it is built this way (docs/design.md, §3; paper §4.1):
 - Each scene draws from only 2-3 shapes and 2-3 colours, so most targets have look-alike
   distractors: a model that ignores the expression cannot know which object is meant.
 - Thin parts (ring holes, star spikes, cross arms) and small objects make fine detail matter, so
