@@ -41,27 +41,41 @@ def _g_grad(g, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _gate_weights(WC, BIAS, j, mask, hidden):
+    """v_f, v_r (weight_c = [v_f; v_r]) and b_f, b_r (bias = [b_f; b_r]) of units j, in float32."""
+    v_f = tl.load(WC + j, mask=mask, other=0.0).to(tl.float32)
+    v_r = tl.load(WC + hidden + j, mask=mask, other=0.0).to(tl.float32)
+    b_f = tl.load(BIAS + j, mask=mask, other=0.0).to(tl.float32)
+    b_r = tl.load(BIAS + hidden + j, mask=mask, other=0.0).to(tl.float32)
+    return v_f, v_r, b_f, b_r
+
+
+@triton.jit
+def _step(U, X, row, c_prev, v_f, v_r, b_f, b_r, mask, K: tl.constexpr):
+    """Step t's candidate x̃_t, gates f_t (eq. 3) and r_t (eq. 4), and skip term x'_t, in float32."""
+    u = U + row * K
+    cand = tl.load(u, mask=mask, other=0.0).to(tl.float32)
+    f = tl.sigmoid(tl.load(u + 1, mask=mask, other=0.0).to(tl.float32) + v_f * c_prev + b_f)
+    r = tl.sigmoid(tl.load(u + 2, mask=mask, other=0.0).to(tl.float32) + v_r * c_prev + b_r)
+    if K == 4:
+        skip = tl.load(u + 3, mask=mask, other=0.0).to(tl.float32)
+    else:
+        skip = tl.load(X + row, mask=mask, other=0.0).to(tl.float32)
+    return cand, f, r, skip
+
+
+@triton.jit
 def _sru_forward_kernel(U, X, WC, BIAS, H, CELLS, length, columns, hidden,
                         K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
     # Column n = b * hidden + j of the (B, d) state; rows of U, X, H, CELLS are t * columns + n.
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = n < columns
     j = n % hidden
-    v_f = tl.load(WC + j, mask=mask, other=0.0).to(tl.float32)
-    v_r = tl.load(WC + hidden + j, mask=mask, other=0.0).to(tl.float32)
-    b_f = tl.load(BIAS + j, mask=mask, other=0.0).to(tl.float32)
-    b_r = tl.load(BIAS + hidden + j, mask=mask, other=0.0).to(tl.float32)
+    v_f, v_r, b_f, b_r = _gate_weights(WC, BIAS, j, mask, hidden)
     row = n.to(tl.int64)  # 64-bit offsets: L * B * d * k can pass 2^31 on a GPU
     c = tl.load(CELLS + row, mask=mask, other=0.0)  # cells[0] = c0
     for _ in range(length):
-        u = U + row * K
-        cand = tl.load(u, mask=mask, other=0.0).to(tl.float32)
-        f = tl.sigmoid(tl.load(u + 1, mask=mask, other=0.0).to(tl.float32) + v_f * c + b_f)  # eq. 3
-        r = tl.sigmoid(tl.load(u + 2, mask=mask, other=0.0).to(tl.float32) + v_r * c + b_r)  # eq. 4
-        if K == 4:
-            skip = tl.load(u + 3, mask=mask, other=0.0).to(tl.float32)
-        else:
-            skip = tl.load(X + row, mask=mask, other=0.0).to(tl.float32)
+        cand, f, r, skip = _step(U, X, row, c, v_f, v_r, b_f, b_r, mask, K)
         c = cand + (c - cand) * f  # eq. 5
         h = skip + (_g(c, ACTIVATION) - skip) * r  # eq. 6
         tl.store(CELLS + row + columns, c, mask=mask)
@@ -76,10 +90,7 @@ def _sru_backward_kernel(U, X, WC, BIAS, CELLS, GRAD_H, GRAD_C, GRAD_U, GRAD_X, 
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = n < columns
     j = n % hidden
-    v_f = tl.load(WC + j, mask=mask, other=0.0).to(tl.float32)
-    v_r = tl.load(WC + hidden + j, mask=mask, other=0.0).to(tl.float32)
-    b_f = tl.load(BIAS + j, mask=mask, other=0.0).to(tl.float32)
-    b_r = tl.load(BIAS + hidden + j, mask=mask, other=0.0).to(tl.float32)
+    v_f, v_r, b_f, b_r = _gate_weights(WC, BIAS, j, mask, hidden)
     dc = tl.load(GRAD_C + n, mask=mask, other=0.0).to(tl.float32)  # dLoss/dc_t, carried back in time
     acc_vf = tl.zeros([BLOCK], dtype=tl.float32)
     acc_vr = tl.zeros([BLOCK], dtype=tl.float32)
@@ -87,16 +98,9 @@ def _sru_backward_kernel(U, X, WC, BIAS, CELLS, GRAD_H, GRAD_C, GRAD_U, GRAD_X, 
     acc_br = tl.zeros([BLOCK], dtype=tl.float32)
     row = n.to(tl.int64) + last_row  # t = L - 1
     for _ in range(length):
-        u = U + row * K
         c_prev = tl.load(CELLS + row, mask=mask, other=0.0)
         c = tl.load(CELLS + row + columns, mask=mask, other=0.0)
-        cand = tl.load(u, mask=mask, other=0.0).to(tl.float32)
-        f = tl.sigmoid(tl.load(u + 1, mask=mask, other=0.0).to(tl.float32) + v_f * c_prev + b_f)
-        r = tl.sigmoid(tl.load(u + 2, mask=mask, other=0.0).to(tl.float32) + v_r * c_prev + b_r)
-        if K == 4:
-            skip = tl.load(u + 3, mask=mask, other=0.0).to(tl.float32)
-        else:
-            skip = tl.load(X + row, mask=mask, other=0.0).to(tl.float32)
+        cand, f, r, skip = _step(U, X, row, c_prev, v_f, v_r, b_f, b_r, mask, K)  # recomputed, not stored
         g = _g(c, ACTIVATION)
         gh = tl.load(GRAD_H + row, mask=mask, other=0.0).to(tl.float32)
         # h_t = x'_t + (g(c_t) - x'_t) r_t
@@ -126,6 +130,29 @@ def _sru_backward_kernel(U, X, WC, BIAS, CELLS, GRAD_H, GRAD_C, GRAD_U, GRAD_X, 
     tl.store(GRAD_WC + b2 + hidden, acc_vr, mask=mask)
     tl.store(GRAD_BIAS + b2, acc_bf, mask=mask)
     tl.store(GRAD_BIAS + b2 + hidden, acc_br, mask=mask)
+
+
+def compile_for(arch: int = 90, dtype: str = "fp32", k: int = 3, activation: int = 0) -> dict[str, str]:
+    """Compile both kernels for a CUDA GPU of compute capability `arch` (90: H100/H200) without one:
+    -> their PTX. Lets a CPU-only machine (CI) check that they compile, not only interpret."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"U": dtype, "X": dtype, "H": dtype, "GRAD_H": dtype, "GRAD_U": dtype, "GRAD_X": dtype}
+    constants = {"K": k, "ACTIVATION": activation, "BLOCK": BLOCK}
+    ptx = {}
+    for kernel in (_sru_forward_kernel, _sru_backward_kernel):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name.isupper():  # pointers; the state and its gradients are float32
+                signature[name] = "*" + pointers.get(name, "fp32")
+            else:
+                signature[name] = "i64" if name == "last_row" else "i32"
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", arch, 32))
+        ptx[kernel.__name__] = compiled.asm["ptx"]
+    return ptx
 
 
 def interpreted() -> bool:
