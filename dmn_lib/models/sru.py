@@ -124,6 +124,9 @@ class PackageLayoutLayer(SRULayer):
         # and neither do we: it is kept, equal to 1, so that state dicts load both ways unchanged.
         self.register_buffer("scale_x", torch.ones(1))
 
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, activation={self.activation}, kernel={self.kernel}"
+
     def reset_parameters(self) -> None:
         super().reset_parameters()  # the same random draws, in the same order, as the package's
         with torch.no_grad():  # the package then scales the forget and reset columns by sqrt(1/2)
