@@ -9,6 +9,8 @@ Only long-standing `tl` calls are used (program_id, arange, load/store with mask
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -167,6 +169,11 @@ def _check(*tensors: torch.Tensor) -> None:
                             "use kernel='cpp' (CPU) or 'python' for float64")
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:1)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _grid(columns: int):
     return (triton.cdiv(columns, BLOCK),)
 
@@ -183,8 +190,9 @@ def forward(U, x, weight_c, bias, c0, activation: int):
                     dtype=U.dtype if k == 4 else torch.promote_types(U.dtype, x.dtype))
     columns = batch * hidden
     if length > 0 and columns > 0:
-        _sru_forward_kernel[_grid(columns)](U, x, weight_c, bias, h, cells, length, columns, hidden,
-                                            K=k, ACTIVATION=activation, BLOCK=BLOCK)
+        with _on(U.device):
+            _sru_forward_kernel[_grid(columns)](U, x, weight_c, bias, h, cells, length, columns, hidden,
+                                                K=k, ACTIVATION=activation, BLOCK=BLOCK)
     return h, cells
 
 
@@ -200,11 +208,12 @@ def backward(U, x, weight_c, bias, cells, grad_h, grad_c, activation: int):
     grad_bias_rows = torch.empty(batch, 2 * hidden, dtype=torch.float32, device=U.device)
     columns = batch * hidden
     if length > 0 and columns > 0:
-        _sru_backward_kernel[_grid(columns)](
-            U, x, weight_c, bias, cells, grad_h, grad_c, grad_U, grad_U if grad_x is None else grad_x, grad_c0,
-            grad_wc_rows, grad_bias_rows, length, (length - 1) * columns, columns, hidden,
-            K=k, ACTIVATION=activation, BLOCK=BLOCK,
-        )
+        with _on(U.device):
+            _sru_backward_kernel[_grid(columns)](
+                U, x, weight_c, bias, cells, grad_h, grad_c, grad_U, grad_U if grad_x is None else grad_x, grad_c0,
+                grad_wc_rows, grad_bias_rows, length, (length - 1) * columns, columns, hidden,
+                K=k, ACTIVATION=activation, BLOCK=BLOCK,
+            )
     else:
         grad_U.zero_(), grad_c0.copy_(grad_c), grad_wc_rows.zero_(), grad_bias_rows.zero_()
     return grad_U, grad_x, grad_wc_rows, grad_bias_rows, grad_c0
