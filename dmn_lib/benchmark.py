@@ -86,6 +86,7 @@ def lm_sm_model(config: DMNConfig, batch: int, words: int, map_size: int,
     """One forward + backward of the Language + Synthesis Modules (stage-1 loss), ready to time.
 
     -> (step, parameters of the recurrent nets). The Visual Module is replaced by fixed feature maps.
+    Used by (a) and by notebook 10 (through `lm_sm_step`).
     """
     from dmn_lib.models.dmn import DMN
 
@@ -121,7 +122,7 @@ def lm_sm_step(config: DMNConfig, batch: int, words: int, map_size: int, device:
 def timed_alternately(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
                       repeats: int) -> dict[str, float]:
     """Median seconds of each step, timed in turns (a, b, a, b, ...) so that a change in the
-    machine's load while measuring hits every step alike and their ratio stays fair."""
+    machine's load while measuring hits every step alike and their ratio stays fair (used by (a))."""
     for _ in range(warmup):
         for step in steps.values():
             step()

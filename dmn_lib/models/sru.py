@@ -114,8 +114,8 @@ class SRU(nn.Module):
 
 
 class PackageLayoutLayer(SRULayer):
-    """An `SRULayer` stored as `sru.SRUCell` stores it: same parameters, plus the package's
-    `scale_x` buffer, its `output_size` name and its initialisation recipe."""
+    """An `SRULayer` stored as `sru.SRUCell` stores it (the layers of `FusedSRU`; notebook 03): same
+    parameters, plus the package's `scale_x` buffer, its `output_size` name and its initialisation."""
 
     def __init__(self, input_size: int, hidden_size: int, activation: str = "identity", kernel: str = "auto"):
         super().__init__(input_size, hidden_size, activation, kernel)
