@@ -1,8 +1,13 @@
 """Importing the `sru` package (Lei et al., 2017) quietly and once per environment.
 
-`import sru` JIT-compiles a small C++ op (and, where CUDA is present, its CUDA kernel)
-with torch's cpp_extension. We point the build cache at the active environment, so the
-~25 s compile happens once per environment (``make setup`` does it), and we silence the
+The package is the reference, not the training path: only the tests, notebook 03 (which
+compares our SRU with it) and ``make setup`` import it. A DMN with `rnn="sru"` runs
+`dmn_lib.models.sru.FusedSRU`, which has the package's state dict but never imports it.
+
+`import sru` JIT-compiles a small C++ op (and, where CUDA is present, its CUDA kernel, whose
+build fails against recent torch) with torch's cpp_extension. We point the build cache at the
+active environment, so the ~25 s compile happens once per environment (``make setup`` does it;
+dmn_lib's own CPU op, `dmn_lib/models/_sru_cpu.cpp`, is cached there too), and we silence the
 package's known, harmless CPU-only messages — nothing else.
 """
 from __future__ import annotations
@@ -24,7 +29,8 @@ _CPU_GRAD_WARNING = r"Running SRU on CPU with grad_enabled=True"
 
 
 def extensions_dir() -> str:
-    """Where torch caches compiled ops for this environment (overridable by TORCH_EXTENSIONS_DIR)."""
+    """Where torch caches compiled ops for this environment (overridable by TORCH_EXTENSIONS_DIR):
+    the `sru` package's and dmn_lib's fused SRU op for the CPU."""
     return os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "share", "dmn_lib", "torch_extensions")
     )

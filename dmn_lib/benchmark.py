@@ -8,7 +8,9 @@ training "up to 3x faster" than LSTMs; (a) measures it, in one run, on whatever 
       1000 channels, mSRU hidden 1005 x 3 layers, run per pixel of a 10x10 map over ~12 words) and
       at the course preset's sizes. The Visual Module is replaced by fixed feature maps of the right
       shapes, so the backbone's time (the same for both) does not dilute the comparison; the loss is
-      the stage-1 (low-resolution) loss, so the Upsampling Module is not run either;
+      the stage-1 (low-resolution) loss, so the Upsampling Module is not run either. The SRU runs
+      its fused kernel (Triton on a GPU, C++ on the CPU; dmn_lib/models/_sru_fused.py), and the SRU
+      and LSTM steps are timed in turns in this one process, so their ratio is fair under load;
   (b) the course preset's training throughput at 192 px (images/s, a full stage-2 step with the
       optimizer, as the trainer runs it: AMP and channels_last on a GPU), data already in memory;
   (c) the course preset's single-query inference latency at 192 px (batch 1, full precision);
@@ -79,9 +81,13 @@ def _batch(vocab_size: int, batch: int, words: int, size: int, device: torch.dev
     return images, tokens, lengths, masks
 
 
-def lm_sm_step(config: DMNConfig, batch: int, words: int, map_size: int, device: torch.device,
-               warmup: int, repeats: int) -> dict:
-    """Seconds of one forward + backward of the Language + Synthesis Modules (stage-1 loss)."""
+def lm_sm_model(config: DMNConfig, batch: int, words: int, map_size: int,
+                device: torch.device) -> tuple[Callable[[], None], int]:
+    """One forward + backward of the Language + Synthesis Modules (stage-1 loss), ready to time.
+
+    -> (step, parameters of the recurrent nets). The Visual Module is replaced by fixed feature maps.
+    Used by (a) and by notebook 10 (through `lm_sm_step`).
+    """
     from dmn_lib.models.dmn import DMN
 
     torch.manual_seed(0)
@@ -100,12 +106,31 @@ def lm_sm_step(config: DMNConfig, batch: int, words: int, map_size: int, device:
         low = model(images, tokens, lengths, stage="low")
         F.binary_cross_entropy_with_logits(low, target).backward()
 
-    seconds = timed(step, device, warmup, repeats)
     # The recurrent nets' parameters: the paper's §5.3 counts (LM SRU 9.0M vs LSTM 24.0M, SM mSRU
     # 10.1M vs mLSTM 24.2M). The rest of LM + SM (filters, fusion conv) is the same for both.
     params = sum(p.numel() for m in (model.language.rnn, model.synthesis.msru) for p in m.parameters())
-    del model, features
-    return {"seconds": seconds, "parameters": params}
+    return step, params
+
+
+def lm_sm_step(config: DMNConfig, batch: int, words: int, map_size: int, device: torch.device,
+               warmup: int, repeats: int) -> dict:
+    """Seconds of one forward + backward of the Language + Synthesis Modules (stage-1 loss)."""
+    step, params = lm_sm_model(config, batch, words, map_size, device)
+    return {"seconds": timed(step, device, warmup, repeats), "parameters": params}
+
+
+def timed_alternately(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                      repeats: int) -> dict[str, float]:
+    """Median seconds of each step, timed in turns (a, b, a, b, ...) so that a change in the
+    machine's load while measuring hits every step alike and their ratio stays fair (used by (a))."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed(step, device, 0, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def training_throughput(config: DMNConfig, image_size: int, batch: int, device: torch.device,
@@ -188,16 +213,22 @@ def run_all(quick: bool = False, device: str = "auto", repeats: int | None = Non
             ("paper", DMNConfig.preset("paper", vocab_size=100), 4, 12, 10),
             ("course", DMNConfig.preset("course", vocab_size=100), 16, 12, 12),
         ]
-    echo("(a) Language + Synthesis Modules, one training step (forward + backward), float32")
+    from dmn_lib.models._sru_fused import resolve_kernel
+
+    results["sru_kernel"] = resolve_kernel("auto", dev)
+    echo(f"(a) Language + Synthesis Modules, one training step (forward + backward), float32; "
+         f"SRU kernel: {results['sru_kernel']}; SRU and LSTM timed in turns")
     echo(f"    {'sizes':<8}{'batch':>6}{'words':>6}{'map':>7}{'SRU ms':>10}{'LSTM ms':>10}{'LSTM/SRU':>10}"
          f"{'RNN params: SRU':>17}{'LSTM':>8}")
     results["lm_sm_step"] = []
     for name, config, batch, words, map_size in setups:
         row = {"sizes": name, "batch": batch, "words": words, "map": f"{map_size}x{map_size}"}
+        steps = {}
         for rnn in ("sru", "lstm"):
-            r = lm_sm_step(config.replace(rnn=rnn), batch, words, map_size, dev, warm, reps)
-            row[f"{rnn}_ms"] = 1000 * r["seconds"]
-            row[f"{rnn}_params"] = r["parameters"]
+            steps[rnn], row[f"{rnn}_params"] = lm_sm_model(config.replace(rnn=rnn), batch, words, map_size, dev)
+        for rnn, seconds in timed_alternately(steps, dev, warm, reps).items():
+            row[f"{rnn}_ms"] = 1000 * seconds
+        del steps
         row["lstm_over_sru"] = row["lstm_ms"] / row["sru_ms"]
         results["lm_sm_step"].append(row)
         echo(f"    {name:<8}{batch:>6}{words:>6}{row['map']:>7}{row['sru_ms']:>10.1f}{row['lstm_ms']:>10.1f}"

@@ -1,8 +1,10 @@
 """The three recurrent nets DMN can use, behind one call: `make_rnn(kind, ...)`.
 
-`DMNConfig.rnn` picks: "sru" (the `sru` package, default; its CUDA kernel on GPU),
-"sru_scratch" (our eq. 2-6, `dmn_lib.models.sru`) or "lstm" (`nn.LSTM`, the baseline of the
-paper's §5.3 / Fig. 7). Taught in notebook 03; compared in notebook 10.
+`DMNConfig.rnn` picks: "sru" (the default: `FusedSRU`, the `sru` package's parameters and state
+dict with eq. 5-6 fused into one kernel per layer, Triton on a GPU and C++ on the CPU; the package
+itself is never imported), "sru_scratch" (our eq. 2-6 as the readable Python loop,
+`dmn_lib.models.sru.SRU`) or "lstm" (`nn.LSTM`, the baseline of the paper's §5.3 / Fig. 7).
+Taught in notebook 03; compared in notebook 10.
 
 Every returned module maps x (T, B, input_size) -> h (T, B, hidden_size), the last layer's
 output at every step. All three are causal, so right padding never changes the outputs at real
@@ -10,13 +12,11 @@ words: DMN reads each sample's output at its last real word.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
-from dmn_lib._sru_package import import_sru, quiet_cpu_training
 from dmn_lib.models.sru import SRU as ScratchSRU
+from dmn_lib.models.sru import FusedSRU
 
 
 class Recurrent(nn.Module):
@@ -25,13 +25,8 @@ class Recurrent(nn.Module):
     def __init__(self, kind: str, input_size: int, hidden_size: int, num_layers: int, activation: str = "identity"):
         super().__init__()
         self.kind = kind
-        if kind == "sru":
-            sru = import_sru()
-            with warnings.catch_warnings():
-                # g = tanh is the original DMN code's choice; the package still supports it but
-                # flags the switch as deprecated. The default (identity) never warns.
-                warnings.filterwarnings("ignore", message="use_tanh = True is deprecated")
-                self.net = sru.SRU(input_size, hidden_size, num_layers=num_layers, use_tanh=(activation == "tanh"))
+        if kind == "sru":  # state dict = sru.SRU(input_size, hidden_size, num_layers, use_tanh=...)'s
+            self.net = FusedSRU(input_size, hidden_size, num_layers=num_layers, activation=activation)
         elif kind == "sru_scratch":
             self.net = ScratchSRU(input_size, hidden_size, num_layers=num_layers, activation=activation)
         elif kind == "lstm":
@@ -40,9 +35,6 @@ class Recurrent(nn.Module):
             raise ValueError(f"Unknown rnn kind {kind!r}; choose 'sru', 'sru_scratch' or 'lstm'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "sru":
-            with quiet_cpu_training():
-                return self.net(x)[0]
         return self.net(x)[0]
 
 

@@ -1,9 +1,11 @@
 """The Simple Recurrent Unit (SRU, Lei et al. 2017) written out from scratch: paper §3.3, eq. 2-6.
 
 Taught in notebook 03, where it is built line by line, checked against the `sru` package and
-compared with an LSTM. Training uses the package by default (`DMNConfig.rnn = "sru"`: its CUDA
-kernel on GPU); this version exists to be read, and `copy_from_package` proves it computes the
-same function.
+compared with an LSTM. This Python loop over t exists to be read, and `copy_from_package` proves it
+computes the package's function. Training (`DMNConfig.rnn = "sru"`) uses `FusedSRU`: the package's
+parameters, state dict and initialisation, with the same eq. 5-6 fused into one kernel per layer
+(`kernel=`: "triton" on a GPU, "cpp" on the CPU; `dmn_lib/models/_sru_fused.py`), so neither the
+package nor its CUDA build is needed to train.
 
 One layer, for inputs x_1..x_T (DESIGN §1 restates the paper's flattened equations):
 
@@ -17,6 +19,10 @@ x̃_t = U_c (the candidate), and x'_t = x_t when the input and hidden sizes matc
 fourth projection U_s. The recurrence is element-wise, so it is cheap: that is why SRUs train
 faster than LSTMs (the paper's Fig. 7). The paper's text picks g = sigmoid; the package's
 default is the identity and the original DMN code used tanh, so g is an option here.
+
+`kernel` picks who runs eq. 5-6, never what they compute: "python" (the loop below, the default of
+`SRU`), "triton", "cpp", or "auto" (triton on CUDA tensors, cpp on CPU ones; the default of
+`FusedSRU`). The fused kernels equal the package to 1e-5, gradients included (tests/test_sru_kernels.py).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ import math
 
 import torch
 from torch import nn
+
+from dmn_lib.models._sru_fused import check_kernel, fused_recurrence, resolve_kernel
 
 ACTIVATIONS = {"identity": lambda c: c, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
@@ -37,11 +45,12 @@ class SRULayer(nn.Module):
     weight_c (2 * hidden_size) = [v_f; v_r]     bias (2 * hidden_size) = [b_f; b_r]
     """
 
-    def __init__(self, input_size: int, hidden_size: int, activation: str = "identity"):
+    def __init__(self, input_size: int, hidden_size: int, activation: str = "identity", kernel: str = "python"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
+        self.kernel = check_kernel(kernel)
         self.k = 3 if input_size == hidden_size else 4
         self.weight = nn.Parameter(torch.empty(input_size, hidden_size * self.k))
         self.weight_c = nn.Parameter(torch.empty(2 * hidden_size))
@@ -62,6 +71,9 @@ class SRULayer(nn.Module):
         d = self.hidden_size
         # eq. 2-4: one matrix product for all time steps — the parallel part of the SRU.
         U = (x @ self.weight).view(length, batch, d, self.k)
+        kernel = resolve_kernel(self.kernel, x.device)  # "python" unless a fused kernel is asked for
+        if kernel != "python":  # the same eq. 5-6 as below, fused into one kernel (_sru_fused.py)
+            return fused_recurrence(U, x, self.weight_c, self.bias, c0, self.activation, kernel)
         candidate, forget_in, reset_in = U[..., 0], U[..., 1], U[..., 2]
         skip = U[..., 3] if self.k == 4 else x  # x'_t of eq. 6
         v_f, v_r = self.weight_c.view(2, d)
@@ -85,11 +97,12 @@ class SRU(nn.Module):
     Same call and return convention as `sru.SRU`.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, activation: str = "identity"):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, activation: str = "identity",
+                 kernel: str = "python"):
         super().__init__()
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.layers = nn.ModuleList(
-            SRULayer(input_size if i == 0 else hidden_size, hidden_size, activation) for i in range(num_layers)
+            SRULayer(input_size if i == 0 else hidden_size, hidden_size, activation, kernel) for i in range(num_layers)
         )
 
     def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +111,51 @@ class SRU(nn.Module):
             x, c = layer(x, None if c0 is None else c0[i])
             last_cells.append(c)
         return x, torch.stack(last_cells)
+
+
+class PackageLayoutLayer(SRULayer):
+    """An `SRULayer` stored as `sru.SRUCell` stores it (the layers of `FusedSRU`; notebook 03): same
+    parameters, plus the package's `scale_x` buffer, its `output_size` name and its initialisation."""
+
+    def __init__(self, input_size: int, hidden_size: int, activation: str = "identity", kernel: str = "auto"):
+        super().__init__(input_size, hidden_size, activation, kernel)
+        self.output_size = hidden_size
+        # The package's highway rescaling constant. sru.SRU's default (rescale=False) never reads it
+        # and neither do we: it is kept, equal to 1, so that state dicts load both ways unchanged.
+        self.register_buffer("scale_x", torch.ones(1))
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, activation={self.activation}, kernel={self.kernel}"
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # the same random draws, in the same order, as the package's
+        with torch.no_grad():  # the package then scales the forget and reset columns by sqrt(1/2)
+            self.weight.view(self.input_size, self.hidden_size, self.k)[..., 1:3].mul_(0.5**0.5)
+
+
+class FusedSRU(nn.Module):
+    """`DMNConfig.rnn = "sru"`: the `sru` package's SRU without the package (taught in notebook 03).
+
+    Same parameters, state dict (`rnn_lst.{i}.weight / weight_c / bias / scale_x`) and initial
+    weights as `sru.SRU(input_size, hidden_size, num_layers, use_tanh=...)`, so checkpoints load
+    either way; the same function as `SRU`, whose eq. 5-6 each layer runs as one fused kernel
+    (`kernel="auto"`: Triton on a GPU, a compiled C++ op on the CPU; see `_sru_fused.py`).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, activation: str = "identity",
+                 kernel: str = "auto"):
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.rnn_lst = nn.ModuleList(  # the package's name for the list of layers
+            PackageLayoutLayer(input_size if i == 0 else hidden_size, hidden_size, activation, kernel)
+            for i in range(num_layers)
+        )
+
+    @property
+    def layers(self) -> nn.ModuleList:  # what SRU.forward and copy_from_package read
+        return self.rnn_lst
+
+    forward = SRU.forward
 
 
 def copy_from_package(ours: SRU, theirs) -> SRU:
