@@ -1,6 +1,6 @@
 """Saving and loading DMN checkpoints: atomically, safely, and with errors that say what is wrong.
 
-Taught in notebook 07 (training) and used by notebook 08 (evaluation) and `python -m dmn_lib`.
+Defined in notebook 07, §8 (training) and used by notebook 08 (evaluation) and `python -m dmn_lib`.
 
 A checkpoint is one `torch.save` file holding only tensors and plain containers (dict, list,
 tuple, str, int, float, bool, None), so it loads with `torch.load(path, weights_only=True)`:
@@ -9,16 +9,20 @@ loading it can never run code hidden in the file. It holds
     format         "dmn_lib.checkpoint/1"
     model          the model's state_dict
     config         DMNConfig.to_dict()          - the model is rebuilt from it
+    data           DataSpec.to_dict() or None   - the data it was trained on
+    train_config   TrainConfig.to_dict() or None  (config, data and train_config: the run's spec, `saved_spec`)
     vocab          Vocabulary.to_dict()         - the words the model was trained with
-    train_config   TrainConfig.to_dict() or None
     optimizer, scheduler, scaler                - to resume training exactly (None in exports)
-    progress       {"step", "stage", "epoch", "batch_in_epoch", ...} - where training stands; the
-                   data order is a function of (seed, epoch), so (epoch, batch_in_epoch) is the
-                   whole state of the data-order generator
+    progress       TrainState.to_dict(): where training stands (step, stage, epoch, batch_in_epoch,
+                   the threshold picked on val, ...); the data order is a function of (seed, epoch),
+                   so (epoch, batch_in_epoch) is the whole state of the data-order generator
     rng            torch / CUDA / numpy / python random states
     history        the training log (lists of dicts of numbers)
-    extra          anything else plain: data settings, the threshold picked on val, ...
+    extra          provenance, plain values only: the command, the spec's name, the experiment's row
     versions       torch, timm, sru, numpy, python, dmn_lib
+
+Files written before dmn_lib 0.2 kept the data settings and the threshold in `extra`; `saved_spec` and
+`TrainState.from_checkpoint` read both.
 
 Three rules keep checkpoints trustworthy:
   * written atomically (temp file in the same folder, fsync, os.replace): a crash or Ctrl-C while
@@ -30,10 +34,12 @@ Three rules keep checkpoints trustworthy:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import random
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +51,36 @@ FORMAT = "dmn_lib.checkpoint/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read, or that does not belong to the model at hand."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: a checkpoint's "progress". With the weights, the optimizer's and the RNGs'
+    states, it is all that resuming exactly needs. Defined in notebook 07, §8."""
+
+    step: int = 0  # optimizer steps done, over both stages
+    stage: str | None = None  # the stage the saved optimizer belongs to ("low" or "high")
+    total_steps: int = 0
+    steps_low: int = 0  # stage 1's length: steps 0..steps_low-1 are stage "low"
+    epoch: int = 0  # step = epoch * steps_per_epoch + batch_in_epoch
+    batch_in_epoch: int = 0
+    elapsed: float = 0.0  # wall-clock seconds of training, summed over resumed calls
+    since_eval: list = field(default_factory=list)  # training losses since the last validation
+    world_size: int = 1  # torchrun processes (the data order depends on it)
+    threshold: float | None = None  # the probability threshold picked on val at the last validation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> TrainState:
+        """The state of a checkpoint or `load_model` record (older files kept the threshold in `extra`)."""
+        progress = dict(checkpoint.get("progress") or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(progress) - known:
+            raise CheckpointError(f"progress keys {sorted(set(progress) - known)} are unknown to this dmn_lib")
+        progress.setdefault("threshold", (checkpoint.get("extra") or {}).get("threshold"))
+        return cls(**progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,27 +157,31 @@ def save_checkpoint(
     model: nn.Module,
     vocab,
     *,
+    data=None,
     train_config=None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     scaler=None,
-    progress: dict | None = None,
+    progress: TrainState | None = None,
     rng: dict | None = None,
     history: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a checkpoint of `model` (a DMN, or a DDP-wrapped DMN) atomically to `path`."""
+    """Write a checkpoint of `model` (a DMN, or a DDP-wrapped DMN) atomically to `path`.
+
+    data: the run's DataSpec, train_config its TrainConfig (with the model's config: the run's spec)."""
     model = unwrap(model)
     checkpoint = {
         "format": FORMAT,
         "model": model.state_dict(),
         "config": model.config.to_dict(),
+        "data": data.to_dict() if data is not None else None,
         "vocab": vocab.to_dict(),
         "train_config": train_config.to_dict() if train_config is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "progress": dict(progress or {}),
+        "progress": (progress or TrainState()).to_dict(),
         "rng": rng,
         "history": history,
         "extra": dict(extra or {}),
@@ -285,10 +325,11 @@ def _listing(items: list[str], limit: int = 12) -> str:
 
 
 def load_model(path: str | Path, map_location="cpu"):
-    """Rebuild the model a checkpoint was saved from: -> (model in eval mode, vocab, meta).
+    """Rebuild the model a checkpoint was saved from: -> (model in eval mode, vocab, record). Notebook 08, §4.
 
-    `meta` is the checkpoint without the weights and optimizer state: config, train_config,
-    progress, history, extra (e.g. extra["threshold"], picked on val) and versions.
+    `record` is the checkpoint without the weights and optimizer state: config, data, train_config,
+    progress, history, extra and versions; `saved_spec(record)` and `TrainState.from_checkpoint(record)`
+    read them (e.g. `.threshold`, picked on val).
     """
     from dmn_lib.config import DMNConfig
     from dmn_lib.data.vocab import Vocabulary
@@ -306,9 +347,28 @@ def load_model(path: str | Path, map_location="cpu"):
     model.config = config
     load_model_state(model, checkpoint, source=str(path))
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-    meta = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
-    meta["path"] = str(path)
-    return model, vocab, meta
+    record = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    record["path"] = str(path)
+    return model, vocab, record
+
+
+def saved_data(checkpoint: dict):
+    """The DataSpec a checkpoint (or `load_model` record) was trained on, or None if it has no record of it."""
+    from dmn_lib.spec import DataSpec
+
+    data = checkpoint.get("data") or (checkpoint.get("extra") or {}).get("data")  # before 0.2: extra["data"]
+    return DataSpec.from_dict(data) if data else None
+
+
+def saved_spec(checkpoint: dict):
+    """The RunSpec a checkpoint was trained with: its model config, data and train config (notebook 08, §4).
+    Parts the file does not record are the defaults."""
+    from dmn_lib.config import DMNConfig
+    from dmn_lib.spec import DataSpec, RunSpec, TrainConfig
+
+    train = checkpoint.get("train_config")
+    return RunSpec(model=DMNConfig.from_dict(checkpoint["config"]), data=saved_data(checkpoint) or DataSpec(),
+                   train=TrainConfig.from_dict(train) if train else TrainConfig())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

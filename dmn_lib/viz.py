@@ -37,7 +37,7 @@ from dmn_lib.metrics import iou
 __all__ = [
     "DPI", "STYLE", "PRED_COLOR", "GT_COLOR", "HEATMAP_CMAP", "PAPER_COLUMNS",
     "overlay", "heatmap", "show_sample", "qualitative_grid", "steps_strip",
-    "plot_curves", "threshold_curve", "results_table", "bar_compare", "save_figure",
+    "plot_curves", "threshold_curve", "results_table", "markdown_table", "bar_compare", "save_figure",
 ]
 
 DPI = 120
@@ -432,6 +432,30 @@ def results_table(rows: Mapping[str, Mapping[str, float]],
                 record[f"{shown} (paper)"] = np.nan if value is None else float(value)
         records[name] = record
     return pd.DataFrame.from_dict(records, orient="index").round(decimals)
+
+
+def markdown_table(frame, digits: int = 1, formats: Mapping[str, str] | None = None) -> str:
+    """A DataFrame as a markdown table, without extra dependencies (notebook 09, §3: results/*/*.md).
+
+    Numbers are rounded to `digits` decimals, NaN reads "—" (no such number, e.g. no paper row);
+    `formats` gives a column its own format, e.g. {"parameters": "{:,.0f}"}.
+    """
+    formats = formats or {}
+
+    def cell(column, value):
+        if column in formats:
+            return formats[column].format(value)
+        if isinstance(value, float):
+            return "—" if value != value else f"{value:.{digits}f}"
+        return str(value)
+
+    index_name = " / ".join(str(n) for n in frame.index.names if n) or ""
+    lines = ["| " + " | ".join([index_name] + [str(c) for c in frame.columns]) + " |",
+             "|" + "---|" * (len(frame.columns) + 1)]
+    for key, values in frame.iterrows():
+        key = " ".join(str(k) for k in key) if isinstance(key, tuple) else str(key)
+        lines.append("| " + " | ".join([key] + [cell(c, v) for c, v in values.items()]) + " |")
+    return "\n".join(lines)
 
 
 def bar_compare(values: Mapping[str, Any], paper: Mapping[str, float] | None = None,
