@@ -9,7 +9,7 @@ every data and training flag is generated from a field of DataSpec or TrainConfi
     python -m dmn_lib train ... --out runs/course --resume          # go on after an interruption
     torchrun --nproc_per_node 4 -m dmn_lib train --spec paper --data refer --dataset unc --out runs/unc
     python -m dmn_lib evaluate --checkpoint runs/course/checkpoint.pt --split testA --threshold-from val
-    python -m dmn_lib predict --checkpoint runs/course/checkpoint.pt --image photo.png --query "the red circle" --out pred/
+    python -m dmn_lib predict --checkpoint runs/course/checkpoint.pt --image a.png --query "the red circle" --out pred/
     python -m dmn_lib experiment ablation --spec course --jobs 2 --out results/course
     python -m dmn_lib benchmark
 

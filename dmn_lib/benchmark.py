@@ -111,8 +111,8 @@ def lm_sm_step(config: DMNConfig, batch: int, words: int, map_size: int, device:
 def training_throughput(config: DMNConfig, image_size: int, batch: int, device: torch.device,
                         warmup: int, repeats: int) -> dict:
     """Images per second of the trainer's stage-2 step (forward, loss, backward, Adam)."""
-    from dmn_lib.models.dmn import DMN
     from dmn_lib.losses import stage_loss, stage_outputs
+    from dmn_lib.models.dmn import DMN
     from dmn_lib.runtime import amp_dtype, autocast
     from dmn_lib.spec import TrainConfig
 

@@ -251,7 +251,8 @@ def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Pat
     if threads:
         torch.set_num_threads(threads)
     folder = run_dir(out, experiment, row)
-    run = row_spec(row, spec_name, seed).override(train={"out_dir": str(folder), "device": device, "progress": progress})
+    where = {"out_dir": str(folder), "device": device, "progress": progress}
+    run = row_spec(row, spec_name, seed).override(train=where)
     if (folder / "run.json").is_file():
         saved = json.loads((folder / "run.json").read_text())
         if _result_fields(run_spec(saved)) != _result_fields(run):
@@ -277,10 +278,12 @@ def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Pat
         "experiment": experiment, "row": row.name, "label": row.label, "variant": run.data.variant,
         "spec_name": spec_name, "spec_label": f"{spec_name} spec ({run.model.backbone}, {run.data.image_size} px, "
                                               f"{t.steps_low}+{t.steps_high} steps of batch {t.batch_size})",
-        "spec": run.to_dict(), "overrides": row.overrides, "config": state["config"], "train_config": state["train_config"],
+        "spec": run.to_dict(), "overrides": row.overrides, "config": state["config"],
+        "train_config": state["train_config"],
         "threshold": threshold, "threshold_from": "val", "results": results, "parameters": count_parameters(model),
         "provenance": {
-            "git_commit": _git_commit(), "versions": ckpt.library_versions(), "device": device_name(torch.device(device)),
+            "git_commit": _git_commit(), "versions": ckpt.library_versions(),
+            "device": device_name(torch.device(device)),
             "torch_threads": torch.get_num_threads(), "host": platform.node(), "seed": seed,
             "steps": progress_state["step"], "epochs": progress_state["step"] / (len(train_set) // t.batch_size),
             "wall_seconds": progress_state["elapsed"], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -460,7 +463,8 @@ def plot_ablation(table, ax=None, image_only: float | None = None, spec_name: st
                                            "paper cum IoU": "paper (UNC testA)"})
     sns.barplot(frame, y="method", x="cumulative IoU (%)", hue="source", ax=ax, palette=["C0", "0.7"])
     if image_only is not None:
-        ax.axvline(100 * image_only, color="C3", linestyle=":", label=f"best guess without words ({100 * image_only:.0f})")
+        ax.axvline(100 * image_only, color="C3", linestyle=":",
+                   label=f"best guess without words ({100 * image_only:.0f})")
     ax.set_ylabel("")
     ax.legend(loc="lower right", fontsize=7)
     ax.grid(axis="x", alpha=0.3)
@@ -529,7 +533,8 @@ class Report:
 REPORTS = {
     "ablation": Report({"table1.md": (ablation_table, {}), "by_kind.md": (by_kind_table, {})},
                        ("ablation", _ablation_figure)),
-    "rnn": Report({"fig7.md": (rnn_table, {"epochs": "{:.2f}", "parameters": "{:,.0f}"})}, ("sru_vs_lstm", _rnn_figure)),
+    "rnn": Report({"fig7.md": (rnn_table, {"epochs": "{:.2f}", "parameters": "{:,.0f}"})},
+                  ("sru_vs_lstm", _rnn_figure)),
     "table2": Report({"table2.md": (lambda out: table2(out).T, {})}),
 }
 

@@ -64,7 +64,8 @@ def evaluate(
     if runtime is None:
         device = torch.device(device) if device is not None else next(model_.parameters()).device
         runtime = Runtime(DistInfo(), device, amp_dtype(device, amp))
-    sweep = ThresholdSweep(sorted({float(t) for t in thresholds} | ({float(threshold)} if threshold is not None else set())))
+    given = {float(threshold)} if threshold is not None else set()
+    sweep = ThresholdSweep(sorted({float(t) for t in thresholds} | given))
     index = getattr(loader.batch_sampler, "global_index", lambda k: k)  # the batch's place in one pass
     was_training = model_.training
     model_.eval()

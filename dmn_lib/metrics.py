@@ -77,7 +77,8 @@ def _as_binary(t: torch.Tensor, name: str) -> torch.Tensor:
         return t
     if t.is_complex() or not ((t == 0) | (t == 1)).all():
         lo, hi = (t.min().item(), t.max().item()) if t.numel() else (None, None)
-        hint = " (a 0/255 image? use mask > 0)" if hi == 255 else " (probabilities? threshold them first, e.g. probs > 0.5)"
+        hint = (" (a 0/255 image? use mask > 0)" if hi == 255
+                else " (probabilities? threshold them first, e.g. probs > 0.5)")
         raise ValueError(f"{name} must be a binary mask (bool or values 0/1), got values in [{lo}, {hi}]{hint}")
     return t.bool()
 

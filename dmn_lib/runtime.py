@@ -227,7 +227,8 @@ class ShardedBatches(Sampler):
         total = math.ceil(n / batch_size)
         total = min(total, max_batches) if max_batches else total
         self.rank, self.world_size = rank, world_size
-        self.batches = [list(range(b * batch_size, min(n, (b + 1) * batch_size))) for b in range(rank, total, world_size)]
+        self.batches = [list(range(b * batch_size, min(n, (b + 1) * batch_size)))
+                        for b in range(rank, total, world_size)]
 
     def __iter__(self):
         return iter(self.batches)

@@ -216,7 +216,8 @@ class Trainer:
                    "threshold": result["threshold"]}
             self.state.threshold = row["threshold"]
         else:  # rank 0's training losses, so that every process steps its scheduler alike
-            row = self.runtime.broadcast({"loss": float(np.mean(self.state.since_eval)) if self.state.since_eval else None})
+            losses = self.state.since_eval
+            row = self.runtime.broadcast({"loss": float(np.mean(losses)) if losses else None})
         self.state.since_eval = []
         watched = row.get("cum_iou") if self.config.plateau_metric == "val_iou" else row["loss"]
         if watched is not None:
@@ -278,7 +279,8 @@ class Trainer:
             if was.get(key, value) != value:
                 raise ckpt.CheckpointError(
                     f"Cannot resume {path}: it was trained with {key}={was[key]!r}, this run has {key}={value!r}, "
-                    "so the data order or stages would not match. Use the same value, or a new out_dir to start afresh.")
+                    "so the data order or stages would not match. Use the same value, or a new out_dir to start "
+                    "afresh.")
         # The optimizer and scheduler are restored when their stage starts (state.stage None: not yet).
         self.state = dataclasses.replace(state, stage=None, total_steps=self.total_steps)
         self.history = saved.get("history") or {"train": [], "val": []}

@@ -71,7 +71,8 @@ def _image(image: Any, name: str = "image") -> np.ndarray:
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] != 3:
-        hint = " (a model input? use dmn_lib.data.transforms.tensor_to_image)" if a.ndim == 3 and a.shape[0] == 3 else ""
+        model_input = a.ndim == 3 and a.shape[0] == 3
+        hint = " (a model input? use dmn_lib.data.transforms.tensor_to_image)" if model_input else ""
         raise ValueError(f"{name}: expected a uint8 HxWx3 image, got shape {a.shape}{hint}")
     if a.dtype != np.uint8:
         raise ValueError(f"{name}: expected uint8 pixels (0-255), got {a.dtype} "
@@ -326,8 +327,9 @@ def _frame(history: Any):
 
 
 def plot_curves(history: Any, keys: Sequence[str] | str, x: str = "step", hue: str | None = None,
-                smooth: int | Mapping[str, int] = 1, log_keys: Sequence[str] = (), titles: Mapping[str, str] | None = None,
-                xlabel: str | None = None, save: str | Path | None = None) -> Figure:
+                smooth: int | Mapping[str, int] = 1, log_keys: Sequence[str] = (),
+                titles: Mapping[str, str] | None = None, xlabel: str | None = None,
+                save: str | Path | None = None) -> Figure:
     """Training curves: one panel per key (e.g. "loss", "val_cum_iou") against `x` ("step", "time").
 
     history: a list of dicts (one per logged step; keys absent at a step are skipped), a dict of
@@ -481,7 +483,8 @@ def bar_compare(values: Mapping[str, Any], paper: Mapping[str, float] | None = N
     with matplotlib.rc_context(STYLE):
         ax = ax if ax is not None else fig.add_subplot()
         sns.barplot(data=df, x="variant", y="value", hue="source", ax=ax,
-                    palette={"ours": "#4C72B0", "paper": "#BBBBBB"}, hue_order=["ours", "paper"][:df["source"].nunique()])
+                    palette={"ours": "#4C72B0", "paper": "#BBBBBB"},
+                    hue_order=["ours", "paper"][:df["source"].nunique()])
         for container in ax.containers:
             ax.bar_label(container, fmt="%.1f", fontsize=7, padding=1)
         ax.set_xlabel("")
