@@ -78,6 +78,7 @@ def field_values(args: argparse.Namespace, cls: type) -> dict:
 # train
 # =============================================================================================
 def add_train_parser(sub) -> argparse.ArgumentParser:
+    """The train command's flags: a spec, and one flag per field of DataSpec and TrainConfig."""
     p = sub.add_parser("train", help="train DMN in two stages (§4.3); notebook 07", epilog=EPILOG,
                        description="Train a named spec (dmn_lib.spec), with any of its fields changed by the flags "
                                    "below; [course: X] is the course spec's value.")
@@ -98,6 +99,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
 
 def parse_sets(items: list[str]) -> dict:
+    """--set FIELD=VALUE items -> DMNConfig overrides (values read as JSON, else as words)."""
     from dmn_lib.config import DMNConfig
 
     fields = {f.name for f in dataclasses.fields(DMNConfig)}
@@ -116,6 +118,13 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def preset_name(model) -> str | None:
+    """The name of the DMNConfig preset `model` is (vocab_size aside), if it is one."""
+    from dmn_lib.config import PRESETS, DMNConfig
+
+    return next((name for name in PRESETS if DMNConfig.preset(name, vocab_size=model.vocab_size) == model), None)
+
+
 def run_spec(args):
     """The spec the train command's flags describe."""
     from dmn_lib.config import DMNConfig
@@ -130,6 +139,7 @@ def run_spec(args):
 
 
 def cmd_train(args) -> int:
+    """python -m dmn_lib train: the spec's run, with the Trainer of notebook 07, §7."""
     import torch
 
     from dmn_lib import count_parameters
@@ -153,7 +163,7 @@ def cmd_train(args) -> int:
         vocab = build_vocabulary(train_set)
     torch.manual_seed(t.seed)  # the model's initial weights
     model = DMN(run.model_config(len(vocab)))
-    extra = {"spec": args.spec, **({"preset": args.preset} if args.preset else {}),
+    extra = {"spec": args.spec, "preset": args.preset or preset_name(SPECS[args.spec].model),
              "command": "python -m dmn_lib " + " ".join(sys.argv[1:])}
     trainer = Trainer(model, train_set, vocab, t, val_set, data=run.data.replace(train_size=len(train_set)),
                       resume=args.resume, extra=extra)
@@ -186,6 +196,7 @@ def cmd_train(args) -> int:
 # evaluate
 # =============================================================================================
 def add_evaluate_parser(sub) -> argparse.ArgumentParser:
+    """The evaluate command's flags (data: what the checkpoint was trained on, unless given)."""
     p = sub.add_parser("evaluate", help="cumulative IoU and Pr@X of a checkpoint on a split; notebook 08",
                        epilog=EPILOG)
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by `train`")
@@ -206,6 +217,7 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_evaluate(args) -> int:
+    """python -m dmn_lib evaluate: metrics at a threshold picked on another split (notebook 08, §4)."""
     from dmn_lib.checkpoint import TrainState, load_model, saved_data
     from dmn_lib.data.datasets import make_dataset
     from dmn_lib.inference import evaluate
@@ -253,6 +265,7 @@ def cmd_evaluate(args) -> int:
 # predict
 # =============================================================================================
 def add_predict_parser(sub) -> argparse.ArgumentParser:
+    """The predict command's flags."""
     p = sub.add_parser("predict", help="segment what a query describes in one image; notebook 11", epilog=EPILOG)
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt or model.pt")
     p.add_argument("--image", required=True, help="an RGB or grayscale image file")
@@ -268,6 +281,7 @@ def add_predict_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_predict(args) -> int:
+    """python -m dmn_lib predict: dmn_lib.inference.predict, written as PNGs and JSON (notebook 11, §8)."""
     import numpy as np
     from PIL import Image
 
@@ -305,6 +319,7 @@ def cmd_predict(args) -> int:
 # benchmark, experiment
 # =============================================================================================
 def add_benchmark_parser(sub) -> argparse.ArgumentParser:
+    """The benchmark command's flags."""
     p = sub.add_parser("benchmark", help="SRU vs LSTM step time, training throughput, inference latency; notebook 10",
                        epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test (numbers meaningless)")
@@ -316,6 +331,7 @@ def add_benchmark_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_benchmark(args) -> int:
+    """python -m dmn_lib benchmark: dmn_lib.benchmark.run_all (notebook 10, §3)."""
     from dmn_lib.benchmark import run_all
 
     results = run_all(quick=args.quick, device=args.device, repeats=args.repeats, echo=print)
@@ -326,6 +342,7 @@ def cmd_benchmark(args) -> int:
 
 
 def add_experiment_parser(sub) -> argparse.ArgumentParser:
+    """The experiment command's flags."""
     p = sub.add_parser(
         "experiment", epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="the paper's experiments: ablation (Table 1), rnn (Fig. 7), table2; notebooks 09-10",
@@ -351,6 +368,7 @@ def add_experiment_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_experiment(args) -> int:
+    """python -m dmn_lib experiment: dmn_lib.experiment.run_experiment or report (notebook 09, §3)."""
     from dmn_lib import experiment
 
     if args.spec not in SPECS:
@@ -379,6 +397,7 @@ def cmd_experiment(args) -> int:
 
 # =============================================================================================
 def build_parser() -> argparse.ArgumentParser:
+    """The five commands' parsers."""
     parser = argparse.ArgumentParser(prog="python -m dmn_lib", description=__doc__.split("\n")[0], epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,benchmark,experiment}")
     parser._subparser_map = {
@@ -392,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; wrong inputs end in a one-line error and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from dmn_lib.checkpoint import CheckpointError

@@ -50,7 +50,7 @@ FORMAT = "dmn_lib.checkpoint/1"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read, or that does not belong to the model at hand."""
+    """A checkpoint file that cannot be read, or that does not belong to the model at hand. Notebook 07, §8."""
 
 
 @dataclass
@@ -91,6 +91,7 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
 
     We write a temporary file in the same folder (os.replace is only atomic within one file
     system), flush it to disk with fsync, then rename it over the target.
+    Notebook 07, §8.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ class _suppress:
 
 
 def library_versions() -> dict:
-    """Versions of what produced a checkpoint (stored for provenance, shown by `load_model`)."""
+    """Versions of what produced a checkpoint (stored for provenance, shown by `load_model`). Notebook 07, §8."""
     import timm
 
     from dmn_lib import __version__ as dmn_version
@@ -169,7 +170,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint of `model` (a DMN, or a DDP-wrapped DMN) atomically to `path`.
 
-    data: the run's DataSpec, train_config its TrainConfig (with the model's config: the run's spec)."""
+    data: the run's DataSpec, train_config its TrainConfig (with the model's config: the run's spec).
+    Notebook 07, §8."""
     model = unwrap(model)
     checkpoint = {
         "format": FORMAT,
@@ -194,7 +196,7 @@ def save_checkpoint(
 
 def to_plain(value, where: str = "checkpoint"):
     """Tensors and plain containers only, so `torch.load(weights_only=True)` can read the file:
-    numpy numbers become Python numbers, numpy arrays tensors, paths and str subclasses str."""
+    numpy numbers become Python numbers, numpy arrays tensors, paths and str subclasses str. Notebook 07, §8."""
     if value is None or torch.is_tensor(value) or type(value) in (bool, int, float, str):
         return value
     if isinstance(value, str):  # e.g. torch.__version__ is a TorchVersion
@@ -224,6 +226,7 @@ def export_model(checkpoint_path: str | Path, out_path: str | Path, dtype: torch
     """A small file for sharing results: weights cast to `dtype`, no optimizer or RNG state.
 
     `load_model` reads it like any checkpoint (weights are cast back to the model's float32).
+    Notebook 07, §8.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     checkpoint["model"] = {
@@ -238,7 +241,7 @@ def export_model(checkpoint_path: str | Path, out_path: str | Path, dtype: torch
 # Reading
 # ---------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint with `weights_only=True`; clear errors for missing or damaged files."""
+    """Read a checkpoint with `weights_only=True`; clear errors for missing or damaged files. Notebook 07, §8."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -268,7 +271,7 @@ def _reason(err: Exception) -> str:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """'field: saved -> current' for every DMNConfig field that differs."""
+    """'field: saved -> current' for every DMNConfig field that differs. Notebook 07, §8."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
@@ -288,7 +291,7 @@ def _plain(value):
 
 def load_model_state(model: nn.Module, checkpoint: dict, source: str = "checkpoint") -> None:
     """Load `checkpoint["model"]` into `model` strictly, or raise a CheckpointError that names
-    every missing, unexpected and mis-shaped key and the config fields that differ."""
+    every missing, unexpected and mis-shaped key and the config fields that differ. Notebook 07, §8."""
     model = unwrap(model)
     state = checkpoint["model"]
     own = model.state_dict()
@@ -353,7 +356,8 @@ def load_model(path: str | Path, map_location="cpu"):
 
 
 def saved_data(checkpoint: dict):
-    """The DataSpec a checkpoint (or `load_model` record) was trained on, or None if it has no record of it."""
+    """The DataSpec a checkpoint (or `load_model` record) was trained on, or None if it has no record of it.
+    Notebook 08, §4."""
     from dmn_lib.spec import DataSpec
 
     data = checkpoint.get("data") or (checkpoint.get("extra") or {}).get("data")  # before 0.2: extra["data"]
@@ -372,7 +376,7 @@ def saved_spec(checkpoint: dict):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The DMN inside a DistributedDataParallel (or torch.compile) wrapper."""
+    """The DMN inside a DistributedDataParallel (or torch.compile) wrapper. Notebook 07, §8."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
@@ -382,7 +386,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 # Random number generator states (for resuming a run exactly)
 # ---------------------------------------------------------------------------------------------
 def get_rng_state() -> dict:
-    """Every global RNG training may draw from, as tensors and plain values."""
+    """Every global RNG training may draw from, as tensors and plain values. Notebook 07, §8."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -395,6 +399,7 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `get_rng_state` saved (CUDA states only on as many GPUs). Notebook 07, §8."""
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

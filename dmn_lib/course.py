@@ -77,6 +77,15 @@ def settings(mode: str | None = None) -> ModeSettings:
     return ModeSettings(mode, **table[mode])
 
 
+def results_command(variant: str = "unc") -> str:
+    """The commands that make results/course/<variant>/ (notebook 07, §9): the course spec at 192 px for up to
+    15 minutes, then the export. (results/course/unc was made so, then resumed: its run.json says how.)"""
+    return (f".venv/bin/python -m dmn_lib train --spec course --variant {variant} --image-size 192 --val-size 200 "
+            f"--steps-low 150 --steps-high 3000 --batch-size 16 --eval-every 75 --max-minutes 15 --workers 1 "
+            f"--no-progress --out runs/course_{variant}\n"
+            f".venv/bin/python scripts/export_results.py runs/course_{variant} results/course/{variant}")
+
+
 def figure_path(name: str) -> Path:
     """Where a notebook saves a figure (figures/ at the top of the repository). Notebook 00, §2."""
     FIGURES_DIR.mkdir(parents=True, exist_ok=True)

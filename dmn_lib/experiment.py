@@ -145,26 +145,28 @@ OWNED_AS = {("rnn", "sru"): "full", ("table2", "unc"): "full"}  # the name of th
 
 
 def rows(experiment: str) -> list[Row]:
+    """The rows of "ablation", "rnn" or "table2". Notebook 09, §1."""
     if experiment not in ROWS:
         raise ValueError(f"Unknown experiment {experiment!r}; choose one of {EXPERIMENTS}")
     return ROWS[experiment]
 
 
 def row_spec(row: Row, spec_name: str = "course", seed: int = 0) -> RunSpec:
-    """The spec a row trains with: the named spec, the row's overrides, the seed of data and training."""
+    """The spec a row trains with: the named spec, the row's overrides, the seed of data and training.
+    Notebook 09, §2."""
     run = spec(spec_name).override(**row.overrides)
     return run.override(data={"data_seed": seed}, train={"seed": seed})
 
 
 def run_dir(out: str | Path, experiment: str, row: Row) -> Path:
-    """Where a row's files are: its own experiment's folder, or its owner's."""
+    """Where a row's files are: its own experiment's folder, or its owner's. Notebook 09, §2."""
     if row.owner:
         return Path(out) / row.owner / OWNED_AS[(experiment, row.name)]
     return Path(out) / experiment / row.name
 
 
 def eval_splits(variant: str) -> list[str]:
-    """val (the threshold is picked there) and every test split of the variant."""
+    """val (the threshold is picked there) and every test split of the variant. Notebook 09, §2."""
     return [s for s in VARIANT_SPLITS[variant] if s not in ("train", "ambiguous")]
 
 
@@ -172,7 +174,7 @@ def eval_splits(variant: str) -> list[str]:
 # run.json: what a row's results record, read back
 # =============================================================================================
 def run_spec(run: dict) -> RunSpec:
-    """The spec a run.json's row was trained with (also from files written before dmn_lib 0.2)."""
+    """The spec a run.json's row was trained with (also from files written before dmn_lib 0.2). Notebook 09, §3."""
     if "size" not in run["spec"]:
         return RunSpec.from_dict(run["spec"])
     size, row = run["spec"]["size"], run["spec"]["row"]  # before 0.2: a "size" and the row's switches
@@ -183,12 +185,13 @@ def run_spec(run: dict) -> RunSpec:
 
 
 def spec_name(run: dict) -> str:
-    """The named spec a run.json's row overrides ("course", ...)."""
+    """The named spec a run.json's row overrides ("course", ...). Notebook 09, §3."""
     return run["spec_name"] if "spec_name" in run else run["size_name"]
 
 
 def spec_label(run: dict) -> str:
-    """How tables and figures name the spec, e.g. "course spec (dpn68, 128 px, 150+650 steps of batch 16)"."""
+    """How tables and figures name the spec, e.g. "course spec (dpn68, 128 px, 150+650 steps of batch 16)".
+    Notebook 09, §3."""
     return run["spec_label"] if "spec_label" in run else run["label_size"]
 
 
@@ -356,7 +359,7 @@ def run_experiment(experiments: str | list[str], spec_name: str = "course", out:
 # Results -> tables and figures (the notebooks call the same functions)
 # =============================================================================================
 def load_runs(out: str | Path, experiment: str) -> dict[str, dict]:
-    """{row name: run.json} of the rows of `experiment` that are done under `out`."""
+    """{row name: run.json} of the rows of `experiment` that are done under `out`. Notebook 09, §3."""
     found = {}
     for row in rows(experiment):
         path = run_dir(out, experiment, row) / "run.json"
@@ -366,6 +369,7 @@ def load_runs(out: str | Path, experiment: str) -> dict[str, dict]:
 
 
 def load_history(out: str | Path, experiment: str, row_name: str) -> dict:
+    """The training curves (history.json) of one row. Notebook 09, §6."""
     row = next(r for r in rows(experiment) if r.name == row_name)
     return json.loads((run_dir(out, experiment, row) / "history.json").read_text())
 
@@ -382,7 +386,7 @@ PRECISIONS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 
 def ablation_table(out: str | Path, split: str = "testA"):
     """Table 1 (ours, percent) with the paper's numbers beside it: a pandas DataFrame, one row per
-    ablation row that is done."""
+    ablation row that is done. Notebook 09, §3."""
     import pandas as pd
 
     runs = load_runs(out, "ablation")
@@ -403,7 +407,7 @@ def ablation_table(out: str | Path, split: str = "testA"):
 
 
 def by_kind_table(out: str | Path, experiment: str = "ablation", split: str = "testA"):
-    """Cumulative IoU (percent) by expression kind: rows x {attribute, location, relation}."""
+    """Cumulative IoU (percent) by expression kind: rows x {attribute, location, relation}. Notebook 09, §5."""
     import pandas as pd
 
     runs = load_runs(out, experiment)
@@ -415,7 +419,8 @@ def by_kind_table(out: str | Path, experiment: str = "ablation", split: str = "t
 
 
 def table2(out: str | Path):
-    """Table 2's layout: cumulative IoU (percent) per variant and split, ours and the paper's DMN row."""
+    """Table 2's layout: cumulative IoU (percent) per variant and split, ours and the paper's DMN row.
+    Notebook 09, §7."""
     import pandas as pd
 
     runs = load_runs(out, "table2")
@@ -431,7 +436,7 @@ def table2(out: str | Path):
 
 
 def rnn_summary(out: str | Path) -> dict:
-    """Fig. 7 in numbers: per RNN, wall time per epoch, val IoU per epoch, parameters."""
+    """Fig. 7 in numbers: per RNN, wall time per epoch, val IoU per epoch, parameters. Notebook 10, §5."""
     runs = load_runs(out, "rnn")
     labels = {row.name: row.label for row in rows("rnn")}
     summary = {}
@@ -472,7 +477,7 @@ def plot_ablation(table, ax=None, image_only: float | None = None, spec_name: st
 
 
 def plot_rnn(out: str | Path, axes=None):
-    """Fig. 7's two panels: wall time per epoch, and val cumulative IoU against wall time."""
+    """Fig. 7's two panels: wall time per epoch, and val cumulative IoU against wall time. Notebook 10, §5."""
     import matplotlib.pyplot as plt
 
     summary = rnn_summary(out)
@@ -497,7 +502,8 @@ def plot_rnn(out: str | Path, axes=None):
 
 
 def rnn_table(out: str | Path):
-    """Fig. 7 as a table (percent): per RNN, minutes per epoch, epochs, val and testA cumulative IoU, parameters."""
+    """Fig. 7 as a table (percent): per RNN, minutes per epoch, epochs, val and testA cumulative IoU, parameters.
+    Notebook 10, §5."""
     import pandas as pd
 
     records = [{"RNN": r["label"], "minutes per epoch (wall)": r["seconds_per_epoch"] / 60, "epochs": r["epochs"],
@@ -524,7 +530,8 @@ def _rnn_figure(out: Path, name: str):
 
 @dataclass(frozen=True)
 class Report:
-    """What `report` writes for one experiment: tables (file -> DataFrame maker and number formats) and a figure."""
+    """What `report` writes for one experiment: tables (file -> DataFrame maker and number formats) and a figure.
+    Notebook 09, §3."""
 
     tables: dict  # file name -> (function of the results folder -> DataFrame, {column: format})
     figure: tuple | None = None  # (file name's stem, function of (results folder, spec name) -> Figure)

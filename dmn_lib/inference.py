@@ -100,7 +100,7 @@ def evaluate(
 # =============================================================================================
 @dataclass
 class Prediction:
-    """What `predict` returns: maps at the image's own size (H x W numpy arrays)."""
+    """What `predict` returns: maps at the image's own size (H x W numpy arrays). Notebook 11, §8."""
 
     probability: np.ndarray  # float32 in [0, 1]
     mask: np.ndarray  # bool: probability > threshold

@@ -120,6 +120,7 @@ def iou_from_counts(intersections: Any, unions: Any):
 
     The one place that rule is coded: per-sample IoUs, the cumulative IoU (of the sums) and every
     threshold curve go through here. numpy arrays (float64) or torch tensors (float64) in and out.
+    Notebook 08, §1.
     """
     if isinstance(intersections, torch.Tensor):
         inter, union = intersections.double(), torch.as_tensor(unions, device=intersections.device).double()
@@ -147,6 +148,7 @@ def intersection_union(pred: Any, target: Any):
     pred, target: HxW, BxHxW or Bx1xHxW, bool or 0/1, torch or numpy (the two may differ in
     layout, e.g. Bx1xHxW vs BxHxW, but not in B, H or W). Returns two int64 arrays of length B,
     torch tensors (on pred's device) if either input is a tensor, numpy arrays otherwise.
+    Notebook 08, §1.
     """
     as_torch = isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor)
     p = _as_binary(_as_batch(pred, "pred"), "pred")
@@ -166,6 +168,7 @@ def iou(pred: Any, target: Any):
 
     >>> iou(np.array([[1, 1], [0, 0]]), np.array([[1, 0], [1, 0]]))
     0.3333333333333333
+    Notebook 08, §1.
     """
     values = iou_from_counts(*intersection_union(pred, target))
     return float(values[0]) if np.ndim(pred) == 2 and np.ndim(target) == 2 else values
@@ -176,6 +179,7 @@ def cumulative_iou(intersections: Any, unions: Any) -> float:
 
     Per-sample counts, two 1-D arrays (from `intersection_union`; for masks:
     ``cumulative_iou(*intersection_union(pred, target))``). All unions empty -> EMPTY_UNION_IOU.
+    Notebook 08, §2.
     """
     inter, union = _count_pair(intersections, unions, "cumulative_iou")
     return float(iou_from_counts(inter.sum(), union.sum()))
@@ -186,6 +190,7 @@ def mean_iou(intersections: Any, unions: Any) -> float:
 
     The same per-sample counts as `cumulative_iou`: divide per sample, then average (empty union:
     EMPTY_UNION_IOU); `cumulative_iou` sums first, then divides.
+    Notebook 08, §2.
     """
     return float(iou_from_counts(*_count_pair(intersections, unions, "mean_iou")).mean())
 
@@ -197,6 +202,7 @@ def precision_at(ious: Any, thresholds: Sequence[float] = PRECISION_THRESHOLDS,
     Returns {X: fraction in [0, 1]} (the paper prints percentages: multiply by 100).
     The paper says "higher than" (IoU > X, our default); the original code counted IoU >= X,
     which is ``inclusive=True``. The two differ only for IoUs exactly equal to X.
+    Notebook 08, §3.
     """
     values = _counts(ious, "ious")
     if values.size == 0:
@@ -214,7 +220,10 @@ def best_threshold(probs: Any, targets: Any, thresholds: Sequence[float] = DEFAU
 
     probs and binary targets (Bx1xHxW, all in memory; batch by batch: `ThresholdSweep.best_threshold`).
     Ties go to the lowest threshold. Choose it on val and apply it to test: `threshold_transfer`.
+    Notebook 08, §4.
     """
+    if isinstance(probs, ThresholdSweep):
+        raise TypeError("best_threshold(probs, targets) takes arrays; for a ThresholdSweep use sweep.best_threshold()")
     sweep = ThresholdSweep(thresholds)
     sweep.update(probs, targets)
     return sweep.best_threshold(metric)
@@ -222,7 +231,7 @@ def best_threshold(probs: Any, targets: Any, thresholds: Sequence[float] = DEFAU
 
 def threshold_counts(probs: torch.Tensor, targets: torch.Tensor, thresholds: np.ndarray):
     """Per-sample intersections and unions of (probs > t) with targets at every threshold t (sorted):
-    two B x K int64 tensors. One pass over the pixels, whatever the number of thresholds."""
+    two B x K int64 tensors. One pass over the pixels, whatever the number of thresholds. Notebook 08, §4."""
     batch, k = probs.shape[0], len(thresholds)
     thr = torch.as_tensor(thresholds, dtype=probs.dtype, device=probs.device)
     # bucket = how many thresholds lie strictly below a pixel's probability. The pixel is
@@ -256,6 +265,7 @@ class ThresholdSweep:
         sweep.summary_by("kind", t)                   # the same per expression kind
 
     `update` works on CPU or CUDA tensors; only B x K counts per batch come back to the CPU.
+    Notebook 08, §4.
     """
 
     def __init__(self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS):
@@ -419,6 +429,7 @@ def threshold_transfer(select_on: ThresholdSweep, evaluate_on: ThresholdSweep,
              'oracle_threshold': t*, 'oracle': evaluate_on.summary(t*), 'oracle_label': ...}
     where t* is the best threshold on `evaluate_on` itself — the original code's number, an
     optimistic "oracle" that looked at the test labels; report it only labelled as such.
+    Notebook 08, §4.
     """
     t = select_on.best_threshold(metric)
     t_oracle = evaluate_on.best_threshold(metric)

@@ -51,7 +51,7 @@ class DistInfo:
 
 
 def distributed_from_env() -> DistInfo:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every process it starts."""
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every process it starts. Notebook 07, §7."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     return DistInfo()
@@ -76,7 +76,7 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the process group when started by torchrun (nccl on GPUs, gloo on CPUs)."""
+    """Join the process group when started by torchrun (nccl on GPUs, gloo on CPUs). Notebook 07, §7."""
     info = distributed_from_env()
     if info.enabled and device_spec.startswith("cuda:"):
         raise ValueError(f"device={device_spec!r} under torchrun would put every process on one GPU; use "
@@ -92,17 +92,19 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]
 def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
     """The autocast dtype: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+: Ampere, Hopper),
     no loss scaling needed; fp16 with a GradScaler on older GPUs (where torch would emulate bf16 slowly);
-    None = full precision (always on the CPU)."""
+    None = full precision (always on the CPU). Notebook 07, §7."""
     if not enabled or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` on `device` (off for None). Notebook 07, §7."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (every CUDA device's too). Notebook 07, §7."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -221,7 +223,7 @@ class ResumableSampler(DistributedSampler):
 class ShardedBatches(Sampler):
     """The batches of one sequential pass over `n` samples (the first `max_batches`, if given): process
     `rank` takes batches rank, rank + world_size, ... Batch k of this process is batch
-    `rank + k * world_size` of the pass, so gathered results can be put back in order."""
+    `rank + k * world_size` of the pass, so gathered results can be put back in order. Notebook 07, §7."""
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, max_batches: int = 0):
         total = math.ceil(n / batch_size)
@@ -251,7 +253,7 @@ def make_loader(dataset: Dataset, vocab: Vocabulary, batch_size: int = 16, *, sa
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    """A batch's tensors on `device` (asynchronous copies from pinned memory on CUDA)."""
+    """A batch's tensors on `device` (asynchronous copies from pinned memory on CUDA). Notebook 07, §7."""
     out = dict(batch)
     non_blocking = device.type == "cuda"
     for key in ("images", "masks", "tokens", "lengths"):

@@ -36,7 +36,7 @@ from dmn_lib.config import DMNConfig
 def option(default: Any, help: str, **metadata) -> Any:  # noqa: A002 (argparse's word)
     """A dataclass field with its one help text (the CLI flag is generated from it: `dmn_lib.__main__`).
 
-    metadata: `choices`, `flag` (a flag name other than --field-name), `aliases` (older flag names)."""
+    metadata: `choices`, `flag` (a flag name other than --field-name), `aliases` (older flag names). Notebook 07, §5."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -63,7 +63,7 @@ class _Fields:
 
 
 def field_types(cls) -> dict[str, tuple[type, bool]]:
-    """{field name: (type, may be None)} of a spec dataclass, read from its annotations."""
+    """{field name: (type, may be None)} of a spec dataclass, read from its annotations. Notebook 07, §5."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -210,6 +210,15 @@ class RunSpec:
             config = config.replace(pretrained_file=str(imagenet_weights(self.imagenet_weights)))
         return config
 
+    def summary(self) -> dict:
+        """The fields that tell the named specs apart, flat: one column of a table (notebook 09, §2)."""
+        m, d, t = self.model, self.data, self.train
+        return {"backbone": m.backbone, "lm_hidden": m.lm_hidden, "image_size": d.image_size,
+                "train_size": d.train_size, "val_size": d.val_size, "test_size": d.test_size,
+                "steps_low": t.steps_low, "steps_high": t.steps_high,
+                "epochs_low": t.epochs_low, "epochs_high": t.epochs_high, "batch_size": t.batch_size, "lr": t.lr,
+                "pos_weight": t.pos_weight, "low_res_weight": t.low_res_weight, "eval_every": t.eval_every}
+
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "data": self.data.to_dict(), "train": self.train.to_dict(),
                 "imagenet_weights": self.imagenet_weights}
@@ -241,7 +250,8 @@ SPECS: dict[str, RunSpec] = {
 
 
 def spec(name: str, **overrides) -> RunSpec:
-    """The named spec `name` (see the module docstring), with `RunSpec.override(**overrides)` applied."""
+    """The named spec `name` (see the module docstring), with `RunSpec.override(**overrides)` applied.
+    Notebook 07, §0."""
     if name not in SPECS:
         raise ValueError(f"Unknown spec {name!r}; choose one of {', '.join(SPECS)}")
     return copy.deepcopy(SPECS[name]).override(**overrides)

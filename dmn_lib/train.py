@@ -68,6 +68,7 @@ class Trainer:
     The data is one endless stream of epochs whose order depends only on (seed, epoch), so the
     batch of every step is known from the step number alone — that is what makes resuming exact.
     `data` (the DataSpec the datasets were made from) is recorded in the checkpoints.
+    Notebook 07, §7.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, vocab: Vocabulary, config: TrainConfig,
@@ -311,7 +312,7 @@ def train(model: nn.Module, train_set: Dataset, vocab: Vocabulary, config: Train
 
 
 def write_json(path: Path, data) -> None:
-    """JSON written atomically (a temp file renamed over the target)."""
+    """JSON written atomically (a temp file renamed over the target). Notebook 07, §8."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

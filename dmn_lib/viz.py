@@ -142,7 +142,7 @@ def _wrap(text: str | None, width: int = 40) -> str:
 
 
 def save_figure(fig: Figure, save: str | Path) -> Path:
-    """Write `fig` as PNG at `DPI`, creating folders; no version metadata (reproducible bytes)."""
+    """Write `fig` as PNG at `DPI`, creating folders; no version metadata (reproducible bytes). Notebook 00, §2."""
     path = Path(save)
     if path.suffix.lower() != ".png":
         raise ValueError(f"save: figures are written as PNG, give a path ending in .png (got {path})")
@@ -170,6 +170,7 @@ def overlay(image: Any, mask_or_prob: Any, color: Sequence[float] = PRED_COLOR, 
 
     A probability map tints softly (opacity alpha * p), so confident pixels show strongest.
     `color`: RGB in 0-255, RGB in 0-1, or a matplotlib colour name such as "tab:red".
+    Notebook 01, §1.
     """
     img = _image(image)
     m = _map(mask_or_prob, "mask_or_prob", img.shape[:2])[:, :, None] * float(alpha)
@@ -184,6 +185,7 @@ def heatmap(prob: Any, image: Any = None, alpha: float = 0.5, cmap: str = HEATMA
     """Colour a probability map with `cmap` (0 -> low colour, 1 -> high): uint8 HxWx3.
 
     With `image`, the colours are blended over it with opacity `alpha`.
+    Notebook 11, §8.
     """
     p = _map(prob, "prob")
     rgb = (matplotlib.colormaps[cmap](p)[:, :, :3] * 255).astype(np.float32)
@@ -207,6 +209,7 @@ def show_sample(image: Any, mask: Any, text: str | None, pred: Any = None, ax=No
     `mask` may be None (no ground truth). `pred` may be a binary mask or probabilities; with
     both, the title also gives the IoU (probabilities thresholded at `threshold`). `color` tints
     the prediction (pick one that differs from the object's own colour).
+    Notebook 01, §1.
     """
     img = _image(image)
     gt = None if mask is None else _map(mask, "mask", img.shape[:2])
@@ -238,6 +241,7 @@ def qualitative_grid(rows: Sequence[Sequence[Any]],
 
     Each row: original image | heatmap | ground truth, with its caption (the query) underneath,
     lettered (a), (b), ... as in the paper. A ground truth of None leaves that panel blank.
+    Notebook 11, §5.
     """
     if len(rows) == 0:
         raise ValueError("rows is empty: give at least one (image, prob, gt_mask, caption) row")
@@ -273,6 +277,7 @@ def steps_strip(image: Any, step_probs: Any, words: Sequence[str], gt: Any = Non
     step_probs: T x H x W (or T x 1 x H x W) probabilities, one per word, e.g. the sigmoid of a
     model's `return_steps` output for one sample (only its real words, not the padding). Maps
     smaller than the image (e.g. a stride-32 map) are upsampled bilinearly to it.
+    Notebook 11, §6.
     """
     img = _image(image)
     steps = torch.as_tensor(_np(step_probs), dtype=torch.float32)
@@ -336,6 +341,7 @@ def plot_curves(history: Any, keys: Sequence[str] | str, x: str = "step", hue: s
     lists, or a pandas DataFrame. `hue` names a column that separates runs (e.g. "rnn" for SRU vs
     LSTM). `smooth` > 1 draws a rolling mean over that many points (per run) over the faint raw
     curve; give {key: window} to smooth only some keys (e.g. the noisy loss, not a sparse val IoU).
+    Notebook 07, §7.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     if not keys:
@@ -407,6 +413,7 @@ def results_table(rows: Mapping[str, Mapping[str, float]],
     paper: {row name: {display name: value in %}} from the paper; each column the paper reports
       gets a "<name> (paper)" column right after it (NaN where a row has no paper number).
     percent: multiply our fractions by 100, as the paper prints them.
+    Notebook 08, §6.
     """
     import pandas as pd
     if not rows:
@@ -467,6 +474,7 @@ def bar_compare(values: Mapping[str, Any], paper: Mapping[str, float] | None = N
 
     values: {variant: number} or {variant: summary dict} (then `metric` picks the number);
     paper: {variant: number in %}. `percent` multiplies our numbers by 100.
+    Notebook 09, §3.
     """
     import pandas as pd
     if not values:

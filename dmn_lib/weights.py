@@ -56,7 +56,7 @@ IMAGENET_WEIGHTS = {"efficientnet_lite0": efficientnet_lite0_weights}
 
 
 def imagenet_weights(backbone: str) -> Path:
-    """The local file of `backbone`'s ImageNet weights (made once, then cached under data/cache/)."""
+    """The local file of `backbone`'s ImageNet weights (made once, then cached under data/cache/). Notebook 09, §6."""
     if backbone not in IMAGENET_WEIGHTS:
         raise ValueError(f"No offline ImageNet weights for {backbone!r}; available: {', '.join(IMAGENET_WEIGHTS)}")
     return IMAGENET_WEIGHTS[backbone]()

@@ -51,6 +51,10 @@ def test_train_writes_checkpoint_and_history(trained):
     checkpoint = torch.load(trained["checkpoint"], weights_only=True)
     assert checkpoint["data"]["image_size"] == 128 and checkpoint["train_config"]["steps_high"] == 2
     assert checkpoint["extra"]["spec"] == "course" and checkpoint["extra"]["preset"] == "tiny"
+    from dmn_lib.__main__ import preset_name
+    from dmn_lib.spec import SPECS
+
+    assert [preset_name(s.model) for s in SPECS.values()] == ["tiny", "course", "course", "paper"]
 
 
 def test_evaluate_picks_the_threshold_on_val(trained, capsys, tmp_path):

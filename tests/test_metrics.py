@@ -226,6 +226,8 @@ def test_bad_inputs_raise_clear_errors():
         sweep.summary_by("kind", 0.5)
     with pytest.raises(ValueError, match="metric"):
         sweep.best_threshold("dice")
+    with pytest.raises(TypeError, match="sweep.best_threshold"):
+        best_threshold(sweep, None)
 
 
 def test_reading_a_sweep_does_not_change_it():

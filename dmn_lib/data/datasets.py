@@ -20,14 +20,14 @@ __all__ = ["make_dataset", "split_size", "dataset_texts", "build_vocabulary"]
 
 def split_size(data, split: str) -> int | None:
     """How many samples of `split` a DataSpec asks for: train_size, val_size, or test_size for the others
-    (None = the whole split)."""
+    (None = the whole split). Notebook 01, §4."""
     size = {"train": data.train_size, "val": data.val_size}.get(split, data.test_size)
     return size or None
 
 
 def make_dataset(data, split: str, size: int | None = None) -> Dataset:
     """Split `split` of the data a `DataSpec` names, `size` samples (default: `split_size`). A missing
-    REFER folder is an error that says where to get the data."""
+    REFER folder is an error that says where to get the data. Notebook 01, §4."""
     size = split_size(data, split) if size is None else size
     if data.source == "synthref":
         from dmn_lib.data.synthetic import SynthRef
@@ -63,7 +63,7 @@ class _First(Dataset):
 
 
 def dataset_texts(dataset: Dataset) -> Iterable[str]:
-    """Every query of a dataset, cheaply when it can (SynthRef.text(i), ReferDataset.texts)."""
+    """Every query of a dataset, cheaply when it can (SynthRef.text(i), ReferDataset.texts). Notebook 04, §1."""
     if hasattr(dataset, "texts"):
         return list(dataset.texts)
     if hasattr(dataset, "text"):
