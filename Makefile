@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dmn-installed
 
-.PHONY: setup lab test notebooks clean-venv
+.PHONY: setup lab lint test notebooks clean-venv
 
 setup: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): requirements.txt pyproject.toml
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
-test: setup
+# ruff: the style rules of pyproject.toml ([tool.ruff]); `make test` (and so CI) runs it first
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 clean-venv:

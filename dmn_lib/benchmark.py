@@ -136,8 +136,10 @@ def timed_alternately(steps: dict[str, Callable[[], None]], device: torch.device
 def training_throughput(config: DMNConfig, image_size: int, batch: int, device: torch.device,
                         warmup: int, repeats: int) -> dict:
     """Images per second of the trainer's stage-2 step (forward, loss, backward, Adam)."""
+    from dmn_lib.losses import stage_loss, stage_outputs
     from dmn_lib.models.dmn import DMN
-    from dmn_lib.train import TrainConfig, amp_dtype, autocast, stage_loss, stage_outputs
+    from dmn_lib.runtime import amp_dtype, autocast
+    from dmn_lib.spec import TrainConfig
 
     torch.manual_seed(0)
     model = DMN(config).to(device).train()
@@ -195,7 +197,7 @@ def synthref_rate(image_size: int, samples: int) -> float:
 def run_all(quick: bool = False, device: str = "auto", repeats: int | None = None,
             echo: Callable[[str], None] = print) -> dict:
     """Measure (a)-(d) and print them as they come; returns the figures as a dict."""
-    from dmn_lib.train import resolve_device
+    from dmn_lib.runtime import resolve_device
 
     dev = resolve_device(device)
     gpu = dev.type == "cuda"

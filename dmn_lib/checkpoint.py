@@ -1,6 +1,6 @@
 """Saving and loading DMN checkpoints: atomically, safely, and with errors that say what is wrong.
 
-Taught in notebook 07 (training) and used by notebook 08 (evaluation) and `python -m dmn_lib`.
+Defined in notebook 07, §8 (training) and used by notebook 08 (evaluation) and `python -m dmn_lib`.
 
 A checkpoint is one `torch.save` file holding only tensors and plain containers (dict, list,
 tuple, str, int, float, bool, None), so it loads with `torch.load(path, weights_only=True)`:
@@ -9,16 +9,20 @@ loading it can never run code hidden in the file. It holds
     format         "dmn_lib.checkpoint/1"
     model          the model's state_dict
     config         DMNConfig.to_dict()          - the model is rebuilt from it
+    data           DataSpec.to_dict() or None   - the data it was trained on
+    train_config   TrainConfig.to_dict() or None  (config, data and train_config: the run's spec, `saved_spec`)
     vocab          Vocabulary.to_dict()         - the words the model was trained with
-    train_config   TrainConfig.to_dict() or None
     optimizer, scheduler, scaler                - to resume training exactly (None in exports)
-    progress       {"step", "stage", "epoch", "batch_in_epoch", ...} - where training stands; the
-                   data order is a function of (seed, epoch), so (epoch, batch_in_epoch) is the
-                   whole state of the data-order generator
+    progress       TrainState.to_dict(): where training stands (step, stage, epoch, batch_in_epoch,
+                   the threshold picked on val, ...); the data order is a function of (seed, epoch),
+                   so (epoch, batch_in_epoch) is the whole state of the data-order generator
     rng            torch / CUDA / numpy / python random states
     history        the training log (lists of dicts of numbers)
-    extra          anything else plain: data settings, the threshold picked on val, ...
+    extra          provenance, plain values only: the command, the spec's name, the experiment's row
     versions       torch, timm, sru, numpy, python, dmn_lib
+
+Files written before dmn_lib 0.2 kept the data settings and the threshold in `extra`; `saved_spec` and
+`TrainState.from_checkpoint` read both.
 
 Three rules keep checkpoints trustworthy:
   * written atomically (temp file in the same folder, fsync, os.replace): a crash or Ctrl-C while
@@ -30,10 +34,12 @@ Three rules keep checkpoints trustworthy:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import random
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +50,37 @@ FORMAT = "dmn_lib.checkpoint/1"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read, or that does not belong to the model at hand."""
+    """A checkpoint file that cannot be read, or that does not belong to the model at hand. Notebook 07, §8."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: a checkpoint's "progress". With the weights, the optimizer's and the RNGs'
+    states, it is all that resuming exactly needs. Defined in notebook 07, §8."""
+
+    step: int = 0  # optimizer steps done, over both stages
+    stage: str | None = None  # the stage the saved optimizer belongs to ("low" or "high")
+    total_steps: int = 0
+    steps_low: int = 0  # stage 1's length: steps 0..steps_low-1 are stage "low"
+    epoch: int = 0  # step = epoch * steps_per_epoch + batch_in_epoch
+    batch_in_epoch: int = 0
+    elapsed: float = 0.0  # wall-clock seconds of training, summed over resumed calls
+    since_eval: list = field(default_factory=list)  # training losses since the last validation
+    world_size: int = 1  # torchrun processes (the data order depends on it)
+    threshold: float | None = None  # the probability threshold picked on val at the last validation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> TrainState:
+        """The state of a checkpoint or `load_model` record (older files kept the threshold in `extra`)."""
+        progress = dict(checkpoint.get("progress") or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(progress) - known:
+            raise CheckpointError(f"progress keys {sorted(set(progress) - known)} are unknown to this dmn_lib")
+        progress.setdefault("threshold", (checkpoint.get("extra") or {}).get("threshold"))
+        return cls(**progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +91,7 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
 
     We write a temporary file in the same folder (os.replace is only atomic within one file
     system), flush it to disk with fsync, then rename it over the target.
+    Notebook 07, §8.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +132,7 @@ class _suppress:
 
 
 def library_versions() -> dict:
-    """Versions of what produced a checkpoint (stored for provenance, shown by `load_model`)."""
+    """Versions of what produced a checkpoint (stored for provenance, shown by `load_model`). Notebook 07, §8."""
     import timm
 
     from dmn_lib import __version__ as dmn_version
@@ -121,27 +158,32 @@ def save_checkpoint(
     model: nn.Module,
     vocab,
     *,
+    data=None,
     train_config=None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     scaler=None,
-    progress: dict | None = None,
+    progress: TrainState | None = None,
     rng: dict | None = None,
     history: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a checkpoint of `model` (a DMN, or a DDP-wrapped DMN) atomically to `path`."""
+    """Write a checkpoint of `model` (a DMN, or a DDP-wrapped DMN) atomically to `path`.
+
+    data: the run's DataSpec, train_config its TrainConfig (with the model's config: the run's spec).
+    Notebook 07, §8."""
     model = unwrap(model)
     checkpoint = {
         "format": FORMAT,
         "model": model.state_dict(),
         "config": model.config.to_dict(),
+        "data": data.to_dict() if data is not None else None,
         "vocab": vocab.to_dict(),
         "train_config": train_config.to_dict() if train_config is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "progress": dict(progress or {}),
+        "progress": (progress or TrainState()).to_dict(),
         "rng": rng,
         "history": history,
         "extra": dict(extra or {}),
@@ -154,7 +196,7 @@ def save_checkpoint(
 
 def to_plain(value, where: str = "checkpoint"):
     """Tensors and plain containers only, so `torch.load(weights_only=True)` can read the file:
-    numpy numbers become Python numbers, numpy arrays tensors, paths and str subclasses str."""
+    numpy numbers become Python numbers, numpy arrays tensors, paths and str subclasses str. Notebook 07, §8."""
     if value is None or torch.is_tensor(value) or type(value) in (bool, int, float, str):
         return value
     if isinstance(value, str):  # e.g. torch.__version__ is a TorchVersion
@@ -184,6 +226,7 @@ def export_model(checkpoint_path: str | Path, out_path: str | Path, dtype: torch
     """A small file for sharing results: weights cast to `dtype`, no optimizer or RNG state.
 
     `load_model` reads it like any checkpoint (weights are cast back to the model's float32).
+    Notebook 07, §8.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     checkpoint["model"] = {
@@ -198,7 +241,7 @@ def export_model(checkpoint_path: str | Path, out_path: str | Path, dtype: torch
 # Reading
 # ---------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint with `weights_only=True`; clear errors for missing or damaged files."""
+    """Read a checkpoint with `weights_only=True`; clear errors for missing or damaged files. Notebook 07, §8."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -228,7 +271,7 @@ def _reason(err: Exception) -> str:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """'field: saved -> current' for every DMNConfig field that differs."""
+    """'field: saved -> current' for every DMNConfig field that differs. Notebook 07, §8."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
@@ -248,7 +291,7 @@ def _plain(value):
 
 def load_model_state(model: nn.Module, checkpoint: dict, source: str = "checkpoint") -> None:
     """Load `checkpoint["model"]` into `model` strictly, or raise a CheckpointError that names
-    every missing, unexpected and mis-shaped key and the config fields that differ."""
+    every missing, unexpected and mis-shaped key and the config fields that differ. Notebook 07, §8."""
     model = unwrap(model)
     state = checkpoint["model"]
     own = model.state_dict()
@@ -285,10 +328,11 @@ def _listing(items: list[str], limit: int = 12) -> str:
 
 
 def load_model(path: str | Path, map_location="cpu"):
-    """Rebuild the model a checkpoint was saved from: -> (model in eval mode, vocab, meta).
+    """Rebuild the model a checkpoint was saved from: -> (model in eval mode, vocab, record). Notebook 08, §4.
 
-    `meta` is the checkpoint without the weights and optimizer state: config, train_config,
-    progress, history, extra (e.g. extra["threshold"], picked on val) and versions.
+    `record` is the checkpoint without the weights and optimizer state: config, data, train_config,
+    progress, history, extra and versions; `saved_spec(record)` and `TrainState.from_checkpoint(record)`
+    read them (e.g. `.threshold`, picked on val).
     """
     from dmn_lib.config import DMNConfig
     from dmn_lib.data.vocab import Vocabulary
@@ -306,13 +350,33 @@ def load_model(path: str | Path, map_location="cpu"):
     model.config = config
     load_model_state(model, checkpoint, source=str(path))
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-    meta = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
-    meta["path"] = str(path)
-    return model, vocab, meta
+    record = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    record["path"] = str(path)
+    return model, vocab, record
+
+
+def saved_data(checkpoint: dict):
+    """The DataSpec a checkpoint (or `load_model` record) was trained on, or None if it has no record of it.
+    Notebook 08, §4."""
+    from dmn_lib.spec import DataSpec
+
+    data = checkpoint.get("data") or (checkpoint.get("extra") or {}).get("data")  # before 0.2: extra["data"]
+    return DataSpec.from_dict(data) if data else None
+
+
+def saved_spec(checkpoint: dict):
+    """The RunSpec a checkpoint was trained with: its model config, data and train config (notebook 08, §4).
+    Parts the file does not record are the defaults."""
+    from dmn_lib.config import DMNConfig
+    from dmn_lib.spec import DataSpec, RunSpec, TrainConfig
+
+    train = checkpoint.get("train_config")
+    return RunSpec(model=DMNConfig.from_dict(checkpoint["config"]), data=saved_data(checkpoint) or DataSpec(),
+                   train=TrainConfig.from_dict(train) if train else TrainConfig())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The DMN inside a DistributedDataParallel (or torch.compile) wrapper."""
+    """The DMN inside a DistributedDataParallel (or torch.compile) wrapper. Notebook 07, §8."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
@@ -322,7 +386,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 # Random number generator states (for resuming a run exactly)
 # ---------------------------------------------------------------------------------------------
 def get_rng_state() -> dict:
-    """Every global RNG training may draw from, as tensors and plain values."""
+    """Every global RNG training may draw from, as tensors and plain values. Notebook 07, §8."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -335,6 +399,7 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `get_rng_state` saved (CUDA states only on as many GPUs). Notebook 07, §8."""
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

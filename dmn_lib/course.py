@@ -1,11 +1,16 @@
 """The course's run modes: one switch, `DMN_MODE`, read once near the top of every notebook.
 
-    fast    (default) CI and the stored notebook outputs: seconds to ~2 minutes per notebook on
-            2 CPU cores. Small data, few steps; trained results are loaded from `results/`.
-    course  a student's laptop CPU: minutes; notebook 07 trains the course preset for real.
-    full    a GPU: the full-size runs (also produced by `python -m dmn_lib experiment ...`).
+Defined in notebook 00, §4. Each mode runs one named spec (dmn_lib.spec), with the notebooks' own data
+sizes and time budget on top (`ModeSettings.run_spec()` is that spec):
 
-Notebook 00 explains the modes; every notebook's parameters cell does
+    fast    (default) CI and the stored notebook outputs: seconds to ~2 minutes per notebook on
+            2 CPU cores. The `fast` spec with 128 px images and 600 training samples; trained
+            results are loaded from `results/`.
+    course  a student's laptop CPU: minutes; notebook 07 trains the `course` spec for real, at the
+            192 px of results/course/unc (the model notebooks 08 and 11 load).
+    full    a GPU: the `paper` spec (also run by `python -m dmn_lib experiment ... --spec paper`).
+
+Every notebook's parameters cell does
     DMN_MODE = os.environ.get("DMN_MODE", "fast");  S = course.settings(DMN_MODE)
 (papermill can set DMN_MODE too: `papermill nb.ipynb out.ipynb -p DMN_MODE course`).
 """
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from dmn_lib.spec import RunSpec, spec
+
 MODES = ("fast", "course", "full")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
@@ -25,8 +32,11 @@ FIGURES_DIR = REPO_ROOT / "figures"
 
 @dataclass(frozen=True)
 class ModeSettings:
+    """The knobs of one mode (notebook 00, §4)."""
+
     mode: str
-    image_size: int  # SynthRef images (DESIGN §4.1: 128 px for tests, 192 px for course results)
+    spec: str  # the named spec this mode runs (dmn_lib.spec)
+    image_size: int  # SynthRef images of the notebooks (192 px: the size of results/course/unc)
     train_size: int  # training samples generated
     eval_size: int  # samples per evaluated split
     train_minutes: float  # wall-clock budget of notebook 07's training run
@@ -37,9 +47,16 @@ class ModeSettings:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def run_spec(self) -> RunSpec:
+        """The mode's spec: the named one with this mode's data sizes, batch, workers, device and time budget."""
+        return spec(self.spec, data={"image_size": self.image_size, "train_size": self.train_size,
+                                     "val_size": self.eval_size, "test_size": self.eval_size},
+                    train={"batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device,
+                           "max_minutes": self.train_minutes})
+
 
 def settings(mode: str | None = None) -> ModeSettings:
-    """The knobs of one mode (default: the DMN_MODE environment variable, else 'fast')."""
+    """The knobs of one mode (default: the DMN_MODE environment variable, else 'fast'). Notebook 00, §4."""
     mode = (mode or os.environ.get("DMN_MODE") or "fast").strip().lower()
     if mode not in MODES:
         raise ValueError(f"DMN_MODE={mode!r} is not a mode; choose one of {MODES}")
@@ -47,17 +64,29 @@ def settings(mode: str | None = None) -> ModeSettings:
     if mode == "full" and not cuda:
         raise RuntimeError(
             "DMN_MODE=full trains at full size and needs a GPU (none found). Use DMN_MODE=course on a "
-            "CPU, or run `python -m dmn_lib experiment ... --device cuda` on a GPU machine."
+            "CPU, or run `python -m dmn_lib experiment ... --spec paper --device cuda` on a GPU machine."
         )
     table = {
-        "fast": ModeSettings("fast", 128, 600, 200, 0.75, 16, 0, "cpu"),
-        "course": ModeSettings("course", 192, 20000, 1000, 15.0, 16, 1, "cuda" if cuda else "cpu"),
-        "full": ModeSettings("full", 192, 60000, 2000, 60.0, 64, 8, "cuda"),
+        "fast": dict(spec="fast", image_size=128, train_size=600, eval_size=200, train_minutes=0.75, batch_size=16,
+                     num_workers=0, device="cpu"),
+        "course": dict(spec="course", image_size=192, train_size=20000, eval_size=1000, train_minutes=15.0,
+                       batch_size=16, num_workers=1, device="cuda" if cuda else "cpu"),
+        "full": dict(spec="paper", image_size=192, train_size=60000, eval_size=2000, train_minutes=60.0,
+                     batch_size=64, num_workers=8, device="cuda"),
     }
-    return table[mode]
+    return ModeSettings(mode, **table[mode])
+
+
+def results_command(variant: str = "unc") -> str:
+    """The commands that make results/course/<variant>/ (notebook 07, §9): the course spec at 192 px for up to
+    15 minutes, then the export. (results/course/unc was made so, then resumed: its run.json says how.)"""
+    return (f".venv/bin/python -m dmn_lib train --spec course --variant {variant} --image-size 192 --val-size 200 "
+            f"--steps-low 150 --steps-high 3000 --batch-size 16 --eval-every 75 --max-minutes 15 --workers 1 "
+            f"--no-progress --out runs/course_{variant}\n"
+            f".venv/bin/python scripts/export_results.py runs/course_{variant} results/course/{variant}")
 
 
 def figure_path(name: str) -> Path:
-    """Where a notebook saves a figure (figures/ at the top of the repository)."""
+    """Where a notebook saves a figure (figures/ at the top of the repository). Notebook 00, §2."""
     FIGURES_DIR.mkdir(parents=True, exist_ok=True)
     return FIGURES_DIR / name

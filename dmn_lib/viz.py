@@ -37,7 +37,7 @@ from dmn_lib.metrics import iou
 __all__ = [
     "DPI", "STYLE", "PRED_COLOR", "GT_COLOR", "HEATMAP_CMAP", "PAPER_COLUMNS",
     "overlay", "heatmap", "show_sample", "qualitative_grid", "steps_strip",
-    "plot_curves", "threshold_curve", "results_table", "bar_compare", "save_figure",
+    "plot_curves", "threshold_curve", "results_table", "markdown_table", "bar_compare", "save_figure",
 ]
 
 DPI = 120
@@ -71,7 +71,8 @@ def _image(image: Any, name: str = "image") -> np.ndarray:
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] != 3:
-        hint = " (a model input? use dmn_lib.data.transforms.tensor_to_image)" if a.ndim == 3 and a.shape[0] == 3 else ""
+        model_input = a.ndim == 3 and a.shape[0] == 3
+        hint = " (a model input? use dmn_lib.data.transforms.tensor_to_image)" if model_input else ""
         raise ValueError(f"{name}: expected a uint8 HxWx3 image, got shape {a.shape}{hint}")
     if a.dtype != np.uint8:
         raise ValueError(f"{name}: expected uint8 pixels (0-255), got {a.dtype} "
@@ -141,7 +142,7 @@ def _wrap(text: str | None, width: int = 40) -> str:
 
 
 def save_figure(fig: Figure, save: str | Path) -> Path:
-    """Write `fig` as PNG at `DPI`, creating folders; no version metadata (reproducible bytes)."""
+    """Write `fig` as PNG at `DPI`, creating folders; no version metadata (reproducible bytes). Notebook 00, §2."""
     path = Path(save)
     if path.suffix.lower() != ".png":
         raise ValueError(f"save: figures are written as PNG, give a path ending in .png (got {path})")
@@ -169,6 +170,7 @@ def overlay(image: Any, mask_or_prob: Any, color: Sequence[float] = PRED_COLOR, 
 
     A probability map tints softly (opacity alpha * p), so confident pixels show strongest.
     `color`: RGB in 0-255, RGB in 0-1, or a matplotlib colour name such as "tab:red".
+    Notebook 01, §1.
     """
     img = _image(image)
     m = _map(mask_or_prob, "mask_or_prob", img.shape[:2])[:, :, None] * float(alpha)
@@ -183,6 +185,7 @@ def heatmap(prob: Any, image: Any = None, alpha: float = 0.5, cmap: str = HEATMA
     """Colour a probability map with `cmap` (0 -> low colour, 1 -> high): uint8 HxWx3.
 
     With `image`, the colours are blended over it with opacity `alpha`.
+    Notebook 11, §8.
     """
     p = _map(prob, "prob")
     rgb = (matplotlib.colormaps[cmap](p)[:, :, :3] * 255).astype(np.float32)
@@ -206,6 +209,7 @@ def show_sample(image: Any, mask: Any, text: str | None, pred: Any = None, ax=No
     `mask` may be None (no ground truth). `pred` may be a binary mask or probabilities; with
     both, the title also gives the IoU (probabilities thresholded at `threshold`). `color` tints
     the prediction (pick one that differs from the object's own colour).
+    Notebook 01, §1.
     """
     img = _image(image)
     gt = None if mask is None else _map(mask, "mask", img.shape[:2])
@@ -237,6 +241,7 @@ def qualitative_grid(rows: Sequence[Sequence[Any]],
 
     Each row: original image | heatmap | ground truth, with its caption (the query) underneath,
     lettered (a), (b), ... as in the paper. A ground truth of None leaves that panel blank.
+    Notebook 11, §5.
     """
     if len(rows) == 0:
         raise ValueError("rows is empty: give at least one (image, prob, gt_mask, caption) row")
@@ -272,6 +277,7 @@ def steps_strip(image: Any, step_probs: Any, words: Sequence[str], gt: Any = Non
     step_probs: T x H x W (or T x 1 x H x W) probabilities, one per word, e.g. the sigmoid of a
     model's `return_steps` output for one sample (only its real words, not the padding). Maps
     smaller than the image (e.g. a stride-32 map) are upsampled bilinearly to it.
+    Notebook 11, §6.
     """
     img = _image(image)
     steps = torch.as_tensor(_np(step_probs), dtype=torch.float32)
@@ -326,14 +332,16 @@ def _frame(history: Any):
 
 
 def plot_curves(history: Any, keys: Sequence[str] | str, x: str = "step", hue: str | None = None,
-                smooth: int | Mapping[str, int] = 1, log_keys: Sequence[str] = (), titles: Mapping[str, str] | None = None,
-                xlabel: str | None = None, save: str | Path | None = None) -> Figure:
+                smooth: int | Mapping[str, int] = 1, log_keys: Sequence[str] = (),
+                titles: Mapping[str, str] | None = None, xlabel: str | None = None,
+                save: str | Path | None = None) -> Figure:
     """Training curves: one panel per key (e.g. "loss", "val_cum_iou") against `x` ("step", "time").
 
     history: a list of dicts (one per logged step; keys absent at a step are skipped), a dict of
     lists, or a pandas DataFrame. `hue` names a column that separates runs (e.g. "rnn" for SRU vs
     LSTM). `smooth` > 1 draws a rolling mean over that many points (per run) over the faint raw
     curve; give {key: window} to smooth only some keys (e.g. the noisy loss, not a sparse val IoU).
+    Notebook 07, §7.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     if not keys:
@@ -405,6 +413,7 @@ def results_table(rows: Mapping[str, Mapping[str, float]],
     paper: {row name: {display name: value in %}} from the paper; each column the paper reports
       gets a "<name> (paper)" column right after it (NaN where a row has no paper number).
     percent: multiply our fractions by 100, as the paper prints them.
+    Notebook 08, §6.
     """
     import pandas as pd
     if not rows:
@@ -434,6 +443,30 @@ def results_table(rows: Mapping[str, Mapping[str, float]],
     return pd.DataFrame.from_dict(records, orient="index").round(decimals)
 
 
+def markdown_table(frame, digits: int = 1, formats: Mapping[str, str] | None = None) -> str:
+    """A DataFrame as a markdown table, without extra dependencies (notebook 09, §3: results/*/*.md).
+
+    Numbers are rounded to `digits` decimals, NaN reads "—" (no such number, e.g. no paper row);
+    `formats` gives a column its own format, e.g. {"parameters": "{:,.0f}"}.
+    """
+    formats = formats or {}
+
+    def cell(column, value):
+        if column in formats:
+            return formats[column].format(value)
+        if isinstance(value, float):
+            return "—" if value != value else f"{value:.{digits}f}"
+        return str(value)
+
+    index_name = " / ".join(str(n) for n in frame.index.names if n) or ""
+    lines = ["| " + " | ".join([index_name] + [str(c) for c in frame.columns]) + " |",
+             "|" + "---|" * (len(frame.columns) + 1)]
+    for key, values in frame.iterrows():
+        key = " ".join(str(k) for k in key) if isinstance(key, tuple) else str(key)
+        lines.append("| " + " | ".join([key] + [cell(c, v) for c, v in values.items()]) + " |")
+    return "\n".join(lines)
+
+
 def bar_compare(values: Mapping[str, Any], paper: Mapping[str, float] | None = None,
                 metric: str = "cum_iou", percent: bool = True, ylabel: str = "mIoU (%)",
                 title: str | None = None, ax=None, save: str | Path | None = None) -> Figure:
@@ -441,6 +474,7 @@ def bar_compare(values: Mapping[str, Any], paper: Mapping[str, float] | None = N
 
     values: {variant: number} or {variant: summary dict} (then `metric` picks the number);
     paper: {variant: number in %}. `percent` multiplies our numbers by 100.
+    Notebook 09, §3.
     """
     import pandas as pd
     if not values:
@@ -457,7 +491,8 @@ def bar_compare(values: Mapping[str, Any], paper: Mapping[str, float] | None = N
     with matplotlib.rc_context(STYLE):
         ax = ax if ax is not None else fig.add_subplot()
         sns.barplot(data=df, x="variant", y="value", hue="source", ax=ax,
-                    palette={"ours": "#4C72B0", "paper": "#BBBBBB"}, hue_order=["ours", "paper"][:df["source"].nunique()])
+                    palette={"ours": "#4C72B0", "paper": "#BBBBBB"},
+                    hue_order=["ours", "paper"][:df["source"].nunique()])
         for container in ax.containers:
             ax.bar_label(container, fmt="%.1f", fontsize=7, padding=1)
         ax.set_xlabel("")

@@ -4,8 +4,9 @@
 
 writes  model.pt      the weights in fp16 (dmn_lib.checkpoint.export_model; loads with load_model)
         history.json  the training curves
-        run.json      config, train config, final validation metrics, wall time, device,
-                      library versions, git commit and the command that trained it
+        run.json      config, data, train config, progress (the TrainState), final validation metrics,
+                      library versions, git commit and the command that trained it; `extra` keeps the
+                      data and the threshold picked on val too, as run.json files always had them
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> None:
 
     source = args.run_dir / "checkpoint.pt"
     state = ckpt.load_checkpoint(source)
+    data, progress = ckpt.saved_data(state), ckpt.TrainState.from_checkpoint(state)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.export_model(source, args.out_dir / "model.pt")
     if (args.run_dir / "history.json").is_file():
@@ -37,13 +39,15 @@ def main(argv: list[str]) -> None:
     run = {
         "command": args.command or (state.get("extra") or {}).get("command"),
         "config": state["config"],
+        "data": data.to_dict() if data else None,
         "train_config": state.get("train_config"),
-        "progress": state.get("progress"),
+        "progress": progress.to_dict(),
         "final_val": val[-1] if val else None,
-        "extra": state.get("extra"),
+        "extra": {**(state.get("extra") or {}), "data": data.to_dict() if data else None,
+                  "threshold": progress.threshold, "threshold_from": "val"},
         "versions": state.get("versions"),
         "git_commit": git_commit(),
-        "size": "course",
+        "spec": (state.get("extra") or {}).get("spec", "course"),
     }
     (args.out_dir / "run.json").write_text(json.dumps(run, indent=1, default=str))
     sizes = {p.name: p.stat().st_size for p in args.out_dir.iterdir()}

@@ -59,7 +59,8 @@ def compare_kernels(device, sizes, echo) -> list[dict]:
         rows.append(row)
         echo(f"  {name:<6} float32 max error {row['float32_error']:.1e}; bf16 error: triton "
              f"{row['bf16_error_triton']:.1e}, python loop {row['bf16_error_python']:.1e}; fwd+bwd "
-             f"triton {row['triton_ms']:.1f} ms, python loop {row['python_ms']:.1f} ms  {'ok' if row['ok'] else 'FAIL'}")
+             f"triton {row['triton_ms']:.1f} ms, python loop {row['python_ms']:.1f} ms  "
+             f"{'ok' if row['ok'] else 'FAIL'}")
     return rows
 
 
@@ -111,7 +112,8 @@ def main() -> None:
     if args.smoke:
         config, step_sizes, image, batch, warm, reps = DMNConfig.preset("tiny", vocab_size=100), (2, 4, 2), 64, 2, 0, 1
     else:
-        config, step_sizes, image, batch, warm, reps = DMNConfig.preset("paper", vocab_size=100), (4, 12, 10), 320, 16, 2, 5
+        config, step_sizes = DMNConfig.preset("paper", vocab_size=100), (4, 12, 10)
+        image, batch, warm, reps = 320, 16, 2, 5
     result["lm_sm_step"] = []
     for dtype in (None, torch.bfloat16):
         row = rnn_ratio(config, step_sizes, device, warm, reps, dtype)

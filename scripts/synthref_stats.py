@@ -23,9 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmn_lib.data.synthetic import (
-    VARIANT_SPLITS, SynthRef, description_depth, generate_scene,
-)
+from dmn_lib.data.synthetic import VARIANT_SPLITS, SynthRef, description_depth, generate_scene
 from dmn_lib.data.vocab import Collate, Vocabulary, tokenize
 
 

@@ -49,12 +49,17 @@ def test_train_writes_checkpoint_and_history(trained):
     history = json.loads((run / "history.json").read_text())
     assert [row["stage"] for row in history["train"]] == ["low", "low", "high", "high"]
     checkpoint = torch.load(trained["checkpoint"], weights_only=True)
-    assert checkpoint["extra"]["data"]["image_size"] == 128 and checkpoint["train_config"]["steps_high"] == 2
+    assert checkpoint["data"]["image_size"] == 128 and checkpoint["train_config"]["steps_high"] == 2
+    assert checkpoint["extra"]["spec"] == "course" and checkpoint["extra"]["preset"] == "tiny"
+    from dmn_lib.__main__ import preset_name
+    from dmn_lib.spec import SPECS
+
+    assert [preset_name(s.model) for s in SPECS.values()] == ["tiny", "course", "course", "paper"]
 
 
 def test_evaluate_picks_the_threshold_on_val(trained, capsys, tmp_path):
     result_file = tmp_path / "result.json"
-    code, out, err = run_cli(["evaluate", "--checkpoint", trained["checkpoint"], "--split", "testA", "--size", "8",
+    code, out, err = run_cli(["evaluate", "--checkpoint", trained["checkpoint"], "--split", "testA", "--test-size", "8",
                               "--threshold-from", "val", "--json", result_file], capsys)
     assert code == 0, err
     assert "threshold" in out and "picked on val" in out and "cum_iou" in out and "oracle" in out
@@ -76,14 +81,16 @@ def _bad_inputs(trained, tmp_path):
     Image.new("CMYK", (64, 64)).save(tmp_path / "cmyk.jpg")
     Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
     (tmp_path / "broken.pt").write_bytes(trained["checkpoint"].read_bytes()[:1000])
-    ck, img = trained["checkpoint"], trained["image"]
+    ck, img, small = trained["checkpoint"], trained["image"], "smaller than the network's stride"
     return {
-        "missing image": (["--checkpoint", ck, "--image", tmp_path / "nope.png", "--query", "red"], "Image file not found"),
+        "missing image": (["--checkpoint", ck, "--image", tmp_path / "nope.png", "--query", "red"],
+                          "Image file not found"),
         "CMYK image": (["--checkpoint", ck, "--image", tmp_path / "cmyk.jpg", "--query", "red"], "mode 'CMYK'"),
-        "small image": (["--checkpoint", ck, "--image", tmp_path / "small.png", "--query", "red"], "smaller than the network's stride"),
+        "small image": (["--checkpoint", ck, "--image", tmp_path / "small.png", "--query", "red"], small),
         "empty query": (["--checkpoint", ck, "--image", img, "--query", "  "], "The query is empty"),
         "unknown words": (["--checkpoint", ck, "--image", img, "--query", "xyzzy plugh"], "None of the words"),
-        "missing checkpoint": (["--checkpoint", tmp_path / "none.pt", "--image", img, "--query", "red"], "Checkpoint not found"),
+        "missing checkpoint": (["--checkpoint", tmp_path / "none.pt", "--image", img, "--query", "red"],
+                               "Checkpoint not found"),
         "broken checkpoint": (["--checkpoint", tmp_path / "broken.pt", "--image", img, "--query", "red"], "broken.pt"),
     }
 
@@ -124,3 +131,28 @@ def test_benchmark_quick_prints_every_row(capsys):
     for row in ("(a) Language + Synthesis Modules", "LSTM/SRU", "(b) tiny preset training throughput",
                 "(c) tiny preset single-query inference latency", "(d) SynthRef generation"):
         assert row in out
+
+
+def test_train_flags_are_the_spec_fields(capsys):
+    """Every DataSpec and TrainConfig field has a flag whose help is the field's own text; unset flags keep
+    the spec's values, given ones replace them."""
+    import dataclasses
+    import re
+
+    from dmn_lib.__main__ import build_parser, run_spec
+    from dmn_lib.spec import DataSpec, TrainConfig, spec
+
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    text = re.sub(r"\s+", " ", out)
+    for cls in (DataSpec, TrainConfig):
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            assert flag in out, flag
+            assert f.metadata["help"].split(" (")[0] in text, f.name
+    args = build_parser().parse_args(["train", "--spec", "fast", "--lr", "0.5", "--no-amp", "--split-by", "none",
+                                      "--workers", "2", "--out", "x", "--set", "rnn=lstm", "--image-size", "64"])
+    run = run_spec(args)
+    assert run.train == spec("fast").train.replace(lr=0.5, amp=False, num_workers=2, out_dir="x")
+    assert run.data == spec("fast").data.replace(image_size=64) and run.model.rnn == "lstm"
+    code, _, err = run_cli(["train", "--plateau-metric", "accuracy"], capsys)
+    assert code == 2 and "invalid choice: 'accuracy'" in err

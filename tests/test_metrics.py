@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from dmn_lib import metrics as M
-from dmn_lib.metrics import (ThresholdSweep, best_threshold, cumulative_iou, intersection_union, iou,
-                             mean_iou, precision_at, threshold_transfer)
+from dmn_lib.metrics import (
+    ThresholdSweep,
+    best_threshold,
+    cumulative_iou,
+    intersection_union,
+    iou,
+    mean_iou,
+    precision_at,
+    threshold_transfer,
+)
 
 A = np.array([[1, 1], [0, 0]])
 B = np.array([[1, 0], [1, 0]])
@@ -44,18 +52,19 @@ def test_cumulative_and_mean_iou_differ():
     pred[0] = target[0] = True
     target[1, 0, 0] = True
     pred[1, 9, 9] = True
-    assert cumulative_iou(pred, target) == pytest.approx(100 / 102)   # the paper's "mIoU"
-    assert mean_iou(pred, target) == pytest.approx(0.5)
-    # The same from counts, and mean_iou from per-sample IoUs.
+    assert cumulative_iou(*intersection_union(pred, target)) == pytest.approx(100 / 102)   # the paper's "mIoU"
+    assert mean_iou(*intersection_union(pred, target)) == pytest.approx(0.5)
     assert cumulative_iou([100, 0], [100, 2]) == pytest.approx(100 / 102)
     assert mean_iou([100, 0], [100, 2]) == pytest.approx(0.5)
-    assert mean_iou([1.0, 0.0]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"for masks pred and target use cumulative_iou\(\*intersection_union"):
+        cumulative_iou(pred, target)  # one signature: counts
 
 
 def test_cumulative_iou_empty_unions():
     assert cumulative_iou([0, 0], [0, 0]) == 1.0
     assert cumulative_iou([0, 3], [0, 4]) == pytest.approx(0.75)   # an empty sample adds nothing
     assert mean_iou([0, 3], [0, 4]) == pytest.approx((1.0 + 0.75) / 2)
+    np.testing.assert_array_equal(M.iou_from_counts(np.array([0, 3]), np.array([0, 4])), [M.EMPTY_UNION_IOU, 0.75])
 
 
 # -- Pr@X ---------------------------------------------------------------------------------------
@@ -95,10 +104,10 @@ def test_sweep_matches_direct_computation():
         inter, union = intersection_union(pred, targets)
         np.testing.assert_array_equal(sweep.intersections[:, j], inter.numpy())
         np.testing.assert_array_equal(sweep.unions[:, j], union.numpy())
-        assert sweep.cumulative_iou(t) == pytest.approx(cumulative_iou(pred, targets))
+        assert sweep.cumulative_iou(t) == pytest.approx(cumulative_iou(*intersection_union(pred, targets)))
         np.testing.assert_allclose(sweep.per_sample_iou(t), iou(pred, targets).numpy())
         s = sweep.summary(t)
-        assert s["mean_iou"] == pytest.approx(mean_iou(pred, targets))
+        assert s["mean_iou"] == pytest.approx(mean_iou(*intersection_union(pred, targets)))
         pr = precision_at(iou(pred, targets).numpy())
         assert [s[f"Pr@{x:g}"] for x in pr] == pytest.approx(list(pr.values()))
     np.testing.assert_allclose(sweep.curve(), [sweep.cumulative_iou(t) for t in sweep.thresholds])
@@ -142,7 +151,6 @@ def test_best_threshold_picked_on_val_applied_to_test():
     assert val.cumulative_iou(0.5) == 1.0
     assert val.cumulative_iou(0.2) == pytest.approx(36 / 52)   # target 36 px + distractor 16 px
     assert val.cumulative_iou(0.9) == 0.0
-    assert best_threshold(val) == 0.5
     assert best_threshold(*_split(0.8, 0.4), thresholds=thresholds) == 0.5   # from arrays
 
     report = threshold_transfer(val, test)
@@ -171,7 +179,7 @@ def test_summary_by_meta_key():
     assert groups["attribute"]["n"] == 1 and groups["attribute"]["cum_iou"] == 1.0
     assert groups["location"]["n"] == 2
     assert groups["location"]["cum_iou"] == pytest.approx(
-        cumulative_iou(probs[1:3] > 0.5, targets[1:3]))
+        cumulative_iou(*intersection_union(probs[1:3] > 0.5, targets[1:3])))
     assert groups["relation"]["Pr@0.5"] == 0.0
     assert sweep.summary(0.5)["n"] == 4
 
@@ -218,3 +226,19 @@ def test_bad_inputs_raise_clear_errors():
         sweep.summary_by("kind", 0.5)
     with pytest.raises(ValueError, match="metric"):
         sweep.best_threshold("dice")
+    with pytest.raises(TypeError, match="sweep.best_threshold"):
+        best_threshold(sweep, None)
+
+
+def test_reading_a_sweep_does_not_change_it():
+    probs, targets = _split(0.8, 0.4, n=4)
+    sweep = ThresholdSweep((0.3, 0.5))
+    sweep.update(probs[:2], targets[:2])
+    sweep.update(probs[2:], targets[2:])
+    before = [a.copy() for a in sweep._inter]
+    first = sweep.summary(0.5)
+    assert sweep.summary(0.5) == first and len(sweep._inter) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(before, sweep._inter))
+    other = ThresholdSweep((0.3, 0.5))
+    other.add_counts(sweep.intersections, sweep.unions)
+    assert other.summary(0.5) == first

@@ -17,14 +17,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from refer_fixtures import (  # noqa: E402
-    compressed_rle, disk, make_refer_root, py2_pickle, rect, rect_polygon, uncompressed_rle,
-)
+from refer_fixtures import compressed_rle, disk, make_refer_root, py2_pickle, rect, rect_polygon, uncompressed_rle  # noqa: E402
 
 from dmn_lib.data import Collate, Vocabulary  # noqa: E402
-from dmn_lib.data.refer import (  # noqa: E402
-    DEFAULT_SPLIT_BY, SPLITS, ReferDataset, decode_segmentation, export_refer, load_refs,
-)
+from dmn_lib.data.refer import DEFAULT_SPLIT_BY, SPLITS, ReferDataset, decode_segmentation, export_refer, load_refs  # noqa: E402
 from dmn_lib.data.transforms import image_to_tensor, resize_pair  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,17 @@ import torch
 
 from dmn_lib.data import Collate, Vocabulary, tokenize
 from dmn_lib.data.synthetic import (
-    COLORS, KIND_MIX, LOCATION_WORDS, SHAPE_GROUPS, SHAPES, VARIANT_SPLITS, WORDS, SynthRef,
-    description_depth, matching_objects, parse_expression,
+    COLORS,
+    KIND_MIX,
+    LOCATION_WORDS,
+    SHAPE_GROUPS,
+    SHAPES,
+    VARIANT_SPLITS,
+    WORDS,
+    SynthRef,
+    description_depth,
+    matching_objects,
+    parse_expression,
 )
 
 SIZE = 128  # tests use the small image size

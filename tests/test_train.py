@@ -1,4 +1,4 @@
-"""dmn_lib.train: the two-stage trainer (§4.3), exact resume, evaluation, DDP under torchrun."""
+"""dmn_lib.train and its parts: the losses (§4.3), the trainer, exact resume, evaluation, DDP under torchrun."""
 import os
 import subprocess
 import sys
@@ -9,21 +9,14 @@ import torch
 from torch.utils.data import Dataset
 
 from dmn_lib.config import DMNConfig
+from dmn_lib.data.datasets import build_vocabulary
 from dmn_lib.data.transforms import image_to_tensor, mask_to_tensor
+from dmn_lib.inference import evaluate
+from dmn_lib.losses import low_res_target, stage_loss, stage_outputs
 from dmn_lib.models.dmn import DMN
-from dmn_lib.train import (
-    CHECKPOINT_NAME,
-    ResumableSampler,
-    TrainConfig,
-    Trainer,
-    build_vocabulary,
-    evaluate,
-    low_res_target,
-    make_loader,
-    stage_loss,
-    stage_outputs,
-    train,
-)
+from dmn_lib.runtime import ResumableSampler, make_loader
+from dmn_lib.spec import TrainConfig, spec
+from dmn_lib.train import CHECKPOINT_NAME, Trainer, train
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 40)}
 
@@ -120,13 +113,13 @@ def test_stage_low_never_runs_the_upsampling_module(data):
 
 
 def test_train_config_round_trip_and_checks():
-    config = TrainConfig.preset("paper", steps_low=5)
+    config = spec("paper").train.replace(steps_low=5)
     assert config.lr == 1e-5 and config.batch_size == 1 and config.low_res_weight == 0
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="plateau_metric"):
         TrainConfig(plateau_metric="accuracy")
-    with pytest.raises(ValueError, match="Unknown TrainConfig preset"):
-        TrainConfig.preset("fast")
+    with pytest.raises(ValueError, match="Unknown TrainConfig fields \\['colour'\\]"):
+        TrainConfig.from_dict({"colour": "red"})
 
 
 def test_sampler_order_depends_on_seed_and_epoch_only(data):
@@ -238,12 +231,17 @@ def test_config_errors_are_clear(data):
 
 @pytest.mark.slow
 def test_two_process_ddp_run_on_cpu(tmp_path):
-    """torchrun with 2 processes (gloo): exits 0, and only rank 0 writes one checkpoint."""
+    """torchrun with 2 processes (gloo): exits 0, only rank 0 writes one checkpoint, and the validation
+    (each process evaluates its share of the batches, gathered back) equals a one-process evaluation of
+    the saved model: the same cumulative IoU and threshold, the same loss up to float rounding."""
+    from dmn_lib.checkpoint import load_model, saved_data, saved_spec
+    from dmn_lib.data.datasets import make_dataset
+
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "dmn_lib", "train", "--preset", "tiny", "--image-size", "128", "--train-size", "16",
-        "--val-size", "8", "--steps-low", "2", "--steps-high", "2", "--batch-size", "4",
+        "-m", "dmn_lib", "train", "--spec", "tiny", "--image-size", "128", "--train-size", "16",
+        "--val-size", "12", "--steps-low", "2", "--steps-high", "2", "--batch-size", "4",
         "--no-progress", "--out", str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -253,3 +251,43 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     checkpoint = torch.load(out / CHECKPOINT_NAME, weights_only=True)
     assert checkpoint["progress"]["step"] == 4 and checkpoint["progress"]["world_size"] == 2
     assert result.stdout.count("Done: step 4") == 1  # rank 0 alone reports
+    model, vocab, record = load_model(out / CHECKPOINT_NAME)
+    val_set = make_dataset(saved_data(record), "val")  # 12 samples: 3 batches, 2 for rank 0 and 1 for rank 1
+    alone = evaluate(model, make_loader(val_set, vocab, 4), stage="high", loss_config=saved_spec(record).train)
+    last = checkpoint["history"]["val"][-1]
+    assert (last["val_cum_iou"], last["val_threshold"]) == (alone["metrics"]["cum_iou"], alone["threshold"])
+    # the loss is a float mean: another process may pick other CPU kernels (exact equality of the sharded
+    # evaluation itself is test_sharded_evaluation_equals_one_process's)
+    assert last["val_loss"] == pytest.approx(alone["loss"], rel=1e-6)
+
+
+def test_sharded_evaluation_equals_one_process(data):
+    """evaluate() under torchrun, simulated in one process: rank 1 evaluates its batches (1, 3), rank 0
+    its own (0, 2, 4) and receives rank 1's records through `Runtime.gather`; the result equals one
+    process evaluating every batch: the same counts in the same order, the same mean loss."""
+    from dmn_lib.runtime import DistInfo, Runtime, ShardedBatches
+
+    _, val_set, vocab = data  # 48 samples: 5 batches of 10 (the last one of 8)
+    model = tiny_model(vocab)
+
+    class Rank(Runtime):
+        received = []
+
+        def gather(self, items):
+            if self.dist.rank == 1:
+                Rank.received = items
+                return items
+            return items + Rank.received
+
+    def loader(rank):
+        return make_loader(val_set, vocab, batch_sampler=ShardedBatches(len(val_set), 10, rank, world_size=2))
+
+    assert [len(b) for b in ShardedBatches(len(val_set), 10, 0, 2)] == [10, 10, 8]
+    loss = TrainConfig()
+    evaluate(model, loader(1), loss_config=loss, runtime=Rank(DistInfo(1, 2), torch.device("cpu")))
+    shared = evaluate(model, loader(0), loss_config=loss, runtime=Rank(DistInfo(0, 2), torch.device("cpu")))
+    alone = evaluate(model, make_loader(val_set, vocab, 10), loss_config=loss)
+    np.testing.assert_array_equal(shared["sweep"].intersections, alone["sweep"].intersections)
+    np.testing.assert_array_equal(shared["sweep"].unions, alone["sweep"].unions)
+    assert shared["loss"] == alone["loss"] and shared["metrics"] == alone["metrics"]
+    assert shared["sweep"].summary_by("colour", 0.5) == alone["sweep"].summary_by("colour", 0.5)  # meta in order

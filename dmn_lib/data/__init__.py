@@ -6,10 +6,11 @@ Every dataset returns samples as dicts:
 and `raw(i)` gives (uint8 HxWx3 image, bool HxW mask, text, meta) for plots and export.
 Taught in notebook 01.
 """
+from dmn_lib.data.datasets import build_vocabulary, make_dataset
 from dmn_lib.data.transforms import image_to_tensor, load_image, mask_to_tensor, tensor_to_image
 from dmn_lib.data.vocab import PAD, UNK, Collate, Vocabulary, tokenize
 
 __all__ = [
-    "PAD", "UNK", "Collate", "Vocabulary", "tokenize",
+    "PAD", "UNK", "Collate", "Vocabulary", "tokenize", "build_vocabulary", "make_dataset",
     "image_to_tensor", "load_image", "mask_to_tensor", "tensor_to_image",
 ]

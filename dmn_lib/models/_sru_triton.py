@@ -152,7 +152,8 @@ def compile_for(arch: int = 90, dtype: str = "fp32", k: int = 3, activation: int
                 signature[name] = "*" + pointers.get(name, "fp32")
             else:
                 signature[name] = "i64" if name == "last_row" else "i32"
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", arch, 32))
+        source = ASTSource(kernel, signature, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
         ptx[kernel.__name__] = compiled.asm["ptx"]
     return ptx
 
