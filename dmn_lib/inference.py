@@ -49,6 +49,7 @@ def evaluate(
     progress: bool = False,
     amp: bool = True,
     runtime: Runtime | None = None,
+    original_size: bool = True,
 ) -> dict:
     """Run `model` over `loader` and measure it at every threshold. Defined in notebook 08, §4.
 
@@ -59,6 +60,8 @@ def evaluate(
     stage="low" scores the Synthesis Module's map upsampled bilinearly (training stage 1).
     `runtime` (the trainer's) replaces device and amp; under torchrun the loader must shard its batches
     with `dmn_lib.runtime.ShardedBatches`, and the results are gathered from every process.
+    original_size: on a dataset that resizes its images (ReferDataset, which has `original_mask`), measure
+    IoU at each image's own size, the probabilities resized back to it (as CRIS and the original code).
     """
     model_ = ckpt.unwrap(model)
     if runtime is None:
@@ -80,7 +83,8 @@ def evaluate(
             loss = stage_loss(logits, low, batch["masks"], loss_config)[0].item() if loss_config else None
         if logits is None:  # stage 1: the low-res map, upsampled bilinearly to the mask's size
             logits = F.interpolate(low.float(), size=batch["masks"].shape[-2:], mode="bilinear", align_corners=False)
-        inter, union = threshold_counts(torch.sigmoid(logits.float()), batch["masks"] > 0.5, sweep.thresholds)
+        inter, union = _counts(torch.sigmoid(logits.float()), batch, sweep.thresholds,
+                               getattr(loader.dataset, "original_mask", None) if original_size else None)
         records.append((index(k), loss, inter.cpu().numpy(), union.cpu().numpy(), batch["meta"]))
     model_.train(was_training)
     records = sorted(runtime.gather(records), key=lambda r: r[0])  # every process's batches, in order
@@ -93,6 +97,19 @@ def evaluate(
     chosen = best if threshold is None else float(threshold)
     return {"metrics": sweep.summary(chosen), "threshold": chosen, "best_threshold": best,
             "loss": float(np.mean(losses)) if losses else None, "sweep": sweep}
+
+
+def _counts(probs: torch.Tensor, batch: dict, thresholds, original_mask=None):
+    """Intersections and unions at every threshold: against the batch's masks, or (`original_mask`, a
+    dataset's function of the sample index) at each image's own size."""
+    if original_mask is None:
+        return threshold_counts(probs, batch["masks"] > 0.5, thresholds)
+    counts = []
+    for b, meta in enumerate(batch["meta"]):
+        mask = torch.from_numpy(original_mask(meta["index"])).to(probs.device)
+        prob = F.interpolate(probs[b : b + 1], size=tuple(mask.shape), mode="bilinear", align_corners=False)
+        counts.append(threshold_counts(prob, mask[None, None], thresholds))
+    return torch.cat([c[0] for c in counts]), torch.cat([c[1] for c in counts])
 
 
 # =============================================================================================

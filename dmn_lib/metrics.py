@@ -20,10 +20,15 @@ Conventions
 -----------
 * Masks are binary (bool or 0/1), shaped HxW, BxHxW or Bx1xHxW, as torch tensors or numpy arrays.
 * A pixel is predicted foreground at threshold t when ``prob > t`` (as in the original code).
-* Empty union (prediction and ground truth both empty): that sample's IoU is defined as 1.0
-  (``EMPTY_UNION_IOU``) — the prediction is exactly right. It adds 0 to both sums of the cumulative
-  IoU, so it does not change that number. (The original code produced 0/0 = NaN there, which never
-  counted for Pr@X.) The rule is coded once, in ``iou_from_counts``.
+* Empty union (prediction and ground truth both empty): that sample's IoU counts as 0
+  (``EMPTY_UNION_IOU``), as the field computes mean IoU (LAVT counts a sample with U = 0 as 0, CRIS
+  gets about 0 from a small epsilon). It adds 0 to both sums of the cumulative IoU, so it does not
+  change that number. (The original code produced 0/0 = NaN there, which never counted for Pr@X.)
+  The rule is coded once, in ``iou_from_counts``. Referring expressions always name an object, so
+  it only arises for a degenerate sample (SynthRef has none).
+* Size: IoU is computed at the size of the ground-truth mask the dataset gives. On the real datasets
+  (`ReferDataset`), `inference.evaluate` measures at each image's ORIGINAL size, as CRIS and the
+  original code do: the probabilities are resized back to the image before thresholding.
 
 Thresholds: pick on val, apply on test
 --------------------------------------
@@ -51,7 +56,7 @@ DEFAULT_THRESHOLDS = np.round(np.arange(0.0, 0.96, 0.025), 3)
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 ORACLE_LABEL = "oracle: threshold chosen on the evaluated split itself (as the original code did)"
 #: The IoU of a sample whose union is empty (nothing to find, nothing predicted): see the module docstring.
-EMPTY_UNION_IOU = 1.0
+EMPTY_UNION_IOU = 0.0  # IoU of a sample with an empty union (see the module docstring)
 METRICS = ("cum_iou", "mean_iou")
 
 

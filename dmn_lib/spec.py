@@ -202,12 +202,15 @@ class RunSpec:
         return dataclasses.replace(self, **out)
 
     def model_config(self, vocab_size: int) -> DMNConfig:
-        """The model's config for a vocabulary, ImageNet weights resolved to a local file."""
+        """The model's config for a vocabulary. ImageNet weights are named, not given as a path of this
+        machine ("imagenet:<backbone>", resolved when the backbone is built); a file already set in
+        `model.pretrained_file` wins. The weights are checked to exist here, with a clear error if not."""
         config = self.model.replace(vocab_size=vocab_size)
-        if self.imagenet_weights:
-            from dmn_lib.weights import imagenet_weights
+        if self.imagenet_weights and not config.pretrained_file:
+            from dmn_lib.weights import PACKAGE_PREFIX, imagenet_weights
 
-            config = config.replace(pretrained_file=str(imagenet_weights(self.imagenet_weights)))
+            imagenet_weights(self.imagenet_weights)  # made once and cached; a clear error if unavailable
+            config = config.replace(pretrained_file=PACKAGE_PREFIX + self.imagenet_weights)
         return config
 
     def summary(self) -> dict:
@@ -242,10 +245,12 @@ SPECS: dict[str, RunSpec] = {
                       DataSpec(image_size=128, train_size=20000, val_size=300, test_size=500),
                       TrainConfig(steps_low=150, steps_high=650, batch_size=16, eval_every=100)),
     # §4.3: Adam 1e-5, batch 1, the scheduler's patience 2 epochs and factor 10, plain BCE, no extra loss.
+    # DPN92's ImageNet weights, as the paper: not on PyPI, so this spec needs a local file (the error says how).
     "paper": RunSpec(DMNConfig.preset("paper"),
                      DataSpec(image_size=320, train_size=60000, val_size=1000, test_size=2000),
                      TrainConfig(epochs_low=1.0, epochs_high=10.0, batch_size=1, lr=1e-5, pos_weight=1.0,
-                                 low_res_weight=0.0, plateau_patience=2, num_workers=8)),
+                                 low_res_weight=0.0, plateau_patience=2, num_workers=8),
+                     imagenet_weights="dpn92"),
 }
 
 

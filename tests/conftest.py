@@ -8,6 +8,12 @@ matplotlib.use("Agg")  # this process only; notebook kernels keep the inline bac
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton reads TRITON_INTERPRET when it is first imported (timm, and so dmn_lib, import it): set it before
+    # any test module is collected, so the fused SRU's Triton kernels run in the interpreter on the CPU
+    # (tests/test_sru_kernels.py). With a GPU they run compiled.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

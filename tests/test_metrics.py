@@ -29,7 +29,7 @@ def test_iou_hand_computed():
 
 
 def test_iou_empty_masks():
-    assert iou(EMPTY, EMPTY) == 1.0                  # nothing to find, nothing predicted
+    assert iou(EMPTY, EMPTY) == 0.0                  # nothing to find, nothing predicted: 0, as the field counts it
     assert iou(EMPTY, A) == 0.0
     assert iou(A, EMPTY) == 0.0
 
@@ -37,7 +37,7 @@ def test_iou_empty_masks():
 def test_iou_batch_layouts_and_types():
     pred = np.stack([A, A, EMPTY])                  # B x H x W
     target = np.stack([B, A, EMPTY])[:, None]       # B x 1 x H x W
-    np.testing.assert_allclose(iou(pred, target), [1 / 3, 1.0, 1.0])
+    np.testing.assert_allclose(iou(pred, target), [1 / 3, 1.0, 0.0])
     out = iou(torch.from_numpy(pred), torch.from_numpy(target))
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float64 and out.shape == (3,)
     inter, union = intersection_union(pred, target)
@@ -61,9 +61,9 @@ def test_cumulative_and_mean_iou_differ():
 
 
 def test_cumulative_iou_empty_unions():
-    assert cumulative_iou([0, 0], [0, 0]) == 1.0
+    assert cumulative_iou([0, 0], [0, 0]) == 0.0
     assert cumulative_iou([0, 3], [0, 4]) == pytest.approx(0.75)   # an empty sample adds nothing
-    assert mean_iou([0, 3], [0, 4]) == pytest.approx((1.0 + 0.75) / 2)
+    assert mean_iou([0, 3], [0, 4]) == pytest.approx((0.0 + 0.75) / 2)  # U = 0 counts as 0 (LAVT)
     np.testing.assert_array_equal(M.iou_from_counts(np.array([0, 3]), np.array([0, 4])), [M.EMPTY_UNION_IOU, 0.75])
 
 

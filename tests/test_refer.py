@@ -402,3 +402,35 @@ def test_download_script_downloads_extracts_and_is_idempotent(tmp_path):
     result = run_script("--root", str(root), "--only", "refcoco", env=env)
     assert "[skip] refcoco" in result.stdout
     assert (tmp_path / "calls").read_text().count("refcoco.zip") == 1  # downloaded once
+
+
+class _Oracle(torch.nn.Module):
+    """A 'model' whose logits are the (resized) ground truth of the batch: IoU 1 at its own size."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images, tokens, lengths, return_low_res=False, stage="high"):
+        logits = self.masks * 20 - 10
+        return (logits, logits[..., ::32, ::32]) if return_low_res else logits
+
+
+def test_iou_is_measured_at_each_images_original_size(fx):
+    """On real data the network sees a square image; IoU is measured back at the image's own size."""
+    from dmn_lib.inference import evaluate
+    from dmn_lib.runtime import make_loader
+
+    ds = ReferDataset(fx.root, "unc", "val", image_size=64)
+    vocab = Vocabulary.build(ds.texts)
+    model, loader = _Oracle(), make_loader(ds, vocab, batch_size=len(ds))
+    model.masks = next(iter(loader))["masks"].float()
+    areas = [int(ds.original_mask(i).sum()) for i in range(len(ds))]  # pixels of each image's own mask
+    sizes = {ds.original_mask(i).shape for i in range(len(ds))}
+    assert all(size != (64, 64) for size in sizes)
+    at_own_size = evaluate(model, loader, threshold=0.5, original_size=True)["sweep"]
+    at_64 = evaluate(model, loader, threshold=0.5, original_size=False)["sweep"]
+    k = int(np.searchsorted(at_own_size.thresholds, 0.5))
+    assert at_own_size.unions[:, k].tolist() == areas  # counted on the original pixels, exactly
+    assert at_own_size.summary(0.5)["cum_iou"] == at_64.summary(0.5)["cum_iou"] == 1.0
+    assert at_64.unions[:, k].sum() > sum(areas)  # the 64 x 64 masks have more pixels than these small images

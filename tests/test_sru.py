@@ -79,3 +79,38 @@ def test_three_kinds_share_one_interface(kind):
 def test_unknown_rnn_kind():
     with pytest.raises(ValueError, match="Unknown rnn kind"):
         make_rnn("gru", 4, 4, 1)
+
+
+@pytest.mark.parametrize("kernel", ["python", "cpp"])
+@pytest.mark.parametrize("input_size", [12, 7], ids=["no-skip-projection", "skip-projection"])
+def test_papers_gates_equal_the_package_with_v_zeroed(input_size, kernel):
+    """gates="paper" is eq. 3-4 as the paper writes them (no c_(t-1)): the package's SRU with v = 0."""
+    theirs = _package_sru(input_size, 12, 2, "identity")
+    ours = copy_from_package(SRU(input_size, 12, 2, gates="paper", kernel=kernel), theirs)
+    assert all(name != "weight_c" for layer in ours.layers for name, _ in layer.named_parameters())
+    with torch.no_grad():
+        for cell in theirs.rnn_lst:
+            cell.weight_c.zero_()
+    x = torch.randn(6, 3, input_size, requires_grad=True)
+    with quiet_cpu_training():
+        h_theirs, _ = theirs(x)
+    h_ours, _ = ours(x)
+    torch.testing.assert_close(h_ours, h_theirs, atol=1e-5, rtol=1e-5)
+    target = torch.randn_like(h_ours)
+    grad_theirs = torch.autograd.grad((h_theirs * target).sum(), [x, theirs.rnn_lst[0].weight])
+    grad_ours = torch.autograd.grad((h_ours * target).sum(), [x, ours.layers[0].weight])
+    for g_t, g_o in zip(grad_theirs, grad_ours):
+        torch.testing.assert_close(g_o, g_t, atol=1e-5, rtol=1e-5)
+
+
+def test_papers_gates_ignore_the_previous_cell_in_the_gates():
+    torch.manual_seed(0)
+    package, paper = SRU(4, 4, 1), SRU(4, 4, 1, gates="paper")
+    paper.load_state_dict({k: v for k, v in package.state_dict().items() if "weight_c" not in k}, strict=False)
+    x = torch.randn(5, 2, 4)
+    assert not torch.allclose(package(x)[0], paper(x)[0])  # same W and b, the package's v != 0
+    with torch.no_grad():
+        package.layers[0].weight_c.zero_()
+    torch.testing.assert_close(package(x)[0], paper(x)[0])
+    with pytest.raises(ValueError, match="gates must be one of"):
+        SRU(4, 4, 1, gates="lstm")

@@ -388,6 +388,13 @@ class ReferDataset(Dataset):
         image, mask, text, meta = self.raw(i)
         return {"image": image_to_tensor(image), "mask": mask_to_tensor(mask), "text": text, "meta": meta}
 
+    def original_mask(self, i: int) -> np.ndarray:
+        """Sample i's ground truth at its image's own size (bool H x W), however `image_size` resizes the
+        network's input: `inference.evaluate` measures IoU against it, as CRIS and the original code do."""
+        ref = self.refs[self.samples[i][0]]
+        info = self.images[ref["image_id"]]
+        return decode_segmentation(self.anns[ref["ann_id"]]["segmentation"], int(info["height"]), int(info["width"]))
+
 
 # ------------------------------------------------------------------------------------------------
 # Export: any dataset with raw(i) -> the REFER layout

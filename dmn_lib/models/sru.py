@@ -7,13 +7,17 @@ parameters, state dict and initialisation, with the same eq. 5-6 fused into one 
 (`kernel=`: "triton" on a GPU, "cpp" on the CPU; `dmn_lib/models/_sru_fused.py`), so neither the
 package nor its CUDA build is needed to train.
 
-One layer, for inputs x_1..x_T (DESIGN §1 restates the paper's flattened equations):
+One layer, for inputs x_1..x_T, as the `sru` package 2.x computes it (docs/design.md, §1):
 
     U = x W                                 all matrix products at once, for every t   (eq. 2-4)
-    f_t = σ(U_f + v_f ⊙ c_{t-1} + b_f)      forget gate                                 (eq. 3)
-    r_t = σ(U_r + v_r ⊙ c_{t-1} + b_r)      reset (highway) gate                        (eq. 4)
+    f_t = σ(U_f + v_f ⊙ c_{t-1} + b_f)      forget gate: eq. 3 + the package's v_f ⊙ c_{t-1}
+    r_t = σ(U_r + v_r ⊙ c_{t-1} + b_r)      reset (highway) gate: eq. 4 + the package's v_r ⊙ c_{t-1}
     c_t = f_t ⊙ c_{t-1} + (1 - f_t) ⊙ x̃_t   the only sequential step: element-wise      (eq. 5)
     h_t = r_t ⊙ g(c_t) + (1 - r_t) ⊙ x'_t   highway to the input                        (eq. 6)
+
+The paper's eq. 3-4 have no c_{t-1} term: f_t = σ(W_f x_t + b_f), r_t = σ(W_r x_t + b_r) (the first
+SRU paper's form). `gates="paper"` gives exactly that: v_f = v_r = 0, fixed (a buffer, not learned);
+`copy_from_package` then copies the package's W and b and leaves v at 0.
 
 x̃_t = U_c (the candidate), and x'_t = x_t when the input and hidden sizes match, otherwise a
 fourth projection U_s. The recurrence is element-wise, so it is cheap: that is why SRUs train
@@ -34,6 +38,7 @@ from torch import nn
 from dmn_lib.models._sru_fused import check_kernel, fused_recurrence, resolve_kernel
 
 ACTIVATIONS = {"identity": lambda c: c, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+GATES = ("package", "paper")  # eq. 3-4 with the package's v ⊙ c_(t-1), or as the paper writes them
 
 
 class SRULayer(nn.Module):
@@ -45,15 +50,22 @@ class SRULayer(nn.Module):
     weight_c (2 * hidden_size) = [v_f; v_r]     bias (2 * hidden_size) = [b_f; b_r]
     """
 
-    def __init__(self, input_size: int, hidden_size: int, activation: str = "identity", kernel: str = "python"):
+    def __init__(self, input_size: int, hidden_size: int, activation: str = "identity", kernel: str = "python",
+                 gates: str = "package"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
+        if gates not in GATES:
+            raise ValueError(f"gates must be one of {GATES} (the package's eq. 3-4 with v ⊙ c_(t-1), or the "
+                             f"paper's without), got {gates!r}")
+        self.input_size, self.hidden_size, self.activation, self.gates = input_size, hidden_size, activation, gates
         self.kernel = check_kernel(kernel)
         self.k = 3 if input_size == hidden_size else 4
         self.weight = nn.Parameter(torch.empty(input_size, hidden_size * self.k))
-        self.weight_c = nn.Parameter(torch.empty(2 * hidden_size))
+        if gates == "package":
+            self.weight_c = nn.Parameter(torch.empty(2 * hidden_size))
+        else:  # the paper's eq. 3-4: no c_(t-1) in the gates, v = 0 for good
+            self.register_buffer("weight_c", torch.zeros(2 * hidden_size))
         self.bias = nn.Parameter(torch.zeros(2 * hidden_size))
         self.reset_parameters()
 
@@ -61,8 +73,9 @@ class SRULayer(nn.Module):
         # The package's recipe: Var[W] = 1/input_size, weight_c uniform with unit variance * sqrt(.5).
         bound = math.sqrt(3.0 / self.input_size)
         nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.weight_c, -math.sqrt(3.0), math.sqrt(3.0))
-        self.weight_c.data.mul_(math.sqrt(0.5))
+        if self.gates == "package":
+            nn.init.uniform_(self.weight_c, -math.sqrt(3.0), math.sqrt(3.0))
+            self.weight_c.data.mul_(math.sqrt(0.5))
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +111,12 @@ class SRU(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, activation: str = "identity",
-                 kernel: str = "python"):
+                 kernel: str = "python", gates: str = "package"):
         super().__init__()
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.layers = nn.ModuleList(
-            SRULayer(input_size if i == 0 else hidden_size, hidden_size, activation, kernel) for i in range(num_layers)
+            SRULayer(input_size if i == 0 else hidden_size, hidden_size, activation, kernel, gates)
+            for i in range(num_layers)
         )
 
     def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +173,8 @@ class FusedSRU(nn.Module):
 
 
 def copy_from_package(ours: SRU, theirs) -> SRU:
-    """Copy an `sru.SRU`'s weights into our `SRU` so both compute the same function.
+    """Copy an `sru.SRU`'s weights into our `SRU` so both compute the same function (with
+    `gates="paper"`: the function of the package's SRU with its v ⊙ c_(t-1) weights set to 0).
 
     Refuses configurations whose maths differ from eq. 2-6 as written here (rescaled highway,
     projections, layer norm, bidirectional) instead of silently giving different outputs.
@@ -189,6 +204,7 @@ def copy_from_package(ours: SRU, theirs) -> SRU:
             )
         with torch.no_grad():
             mine.weight.copy_(cell.weight)
-            mine.weight_c.copy_(cell.weight_c)
+            if mine.gates == "package":  # the paper's gates keep v = 0: ours = the package with v zeroed
+                mine.weight_c.copy_(cell.weight_c)
             mine.bias.copy_(cell.bias)
     return ours

