@@ -23,6 +23,7 @@ class DMNConfig:
     pretrained: bool = False  # ImageNet weights: need network access or `pretrained_file`
     pretrained_file: str | None = None  # a local .pth/.safetensors of the backbone's weights
     num_scales: int = 5  # N: the VM returns I_1..I_N at strides 2..2^N; the SM works on I_N
+    trim_backbone: bool = False  # drop the layers after I_N that timm's EfficientNet features run but never use
 
     # --- Language Module (§3.3, eq. 2-8) ---------------------------------------------------------
     vocab_size: int = 100  # set from the Vocabulary the model is trained with

@@ -3,7 +3,7 @@
 Defined in notebook 07, §7-8 (the trainer's infrastructure; none of it is in §4.3 of the paper):
   * `Runtime.start(config)` joins torchrun's process group (nccl on GPUs, gloo on CPUs), picks this
     process's device (`cuda:<LOCAL_RANK>`), the autocast dtype (bf16 on Ampere/Hopper, else fp16 with a
-    GradScaler) and the memory layout (channels_last on CUDA);
+    GradScaler) and the memory layout (channels_last: faster convolutions on CUDA and on CPUs);
   * `ResumableSampler`: a data order that is a pure function of (seed, epoch), resumable mid-epoch;
   * `ShardedBatches`: evaluation under torchrun, each process a share of the batches of one sequential
     pass, gathered back in order, so the metrics equal a one-process evaluation exactly;
@@ -126,7 +126,7 @@ class Runtime:
         dist, dev = init_distributed(device)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick its fastest kernels
-        return cls(dist, dev, amp_dtype(dev, amp), channels_last and dev.type == "cuda")
+        return cls(dist, dev, amp_dtype(dev, amp), channels_last)
 
     @property
     def is_main(self) -> bool:

@@ -87,6 +87,8 @@ class DataSpec(_Fields):
     data_root: str = option("data/refer", "REFER root folder (data/README.md)")
     image_size: int = option(128, "square image side in pixels (a multiple of 32)")
     data_seed: int = option(0, "SynthRef generation seed")
+    cache: bool = option(False, "SynthRef: keep the rendered training samples in memory (1.3 GB for 20,000 at "
+                                "128 px), so epochs after the first skip the rendering")
     train_size: int | None = option(None, "training samples (none = the whole split; SynthRef's has 20000)")
     val_size: int = option(500, "validation samples (0 = no validation set)")
     test_size: int = option(1000, "samples of each evaluated split (0 = the whole split)")
@@ -148,7 +150,8 @@ class TrainConfig(_Fields):
     seed: int = option(0, "seed of the data order and of every random number generator")
     device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     amp: bool = option(True, "mixed precision on CUDA: bf16, or fp16 with loss scaling (never on the CPU)")
-    channels_last: bool = option(True, "the channels-last memory layout on CUDA (suits tensor cores)")
+    channels_last: bool = option(True, "the channels-last memory layout for the convolutions (tensor cores on "
+                                       "CUDA; oneDNN on a CPU, about 1.25x faster steps there)")
     num_workers: int = option(0, "DataLoader worker processes", aliases=("--workers",))
     progress: bool = option(True, "tqdm progress bars")
 

@@ -260,3 +260,20 @@ def test_pretrained_file_loads_local_weights(tmp_path):
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
     with pytest.raises(RuntimeError, match="does not hold the weights"):
         DMN(cfg.replace(pretrained_file=str(other)))
+
+
+def test_trim_backbone_drops_unused_blocks_and_keeps_the_features():
+    """EfficientNet's feature extractor runs every block; trimming drops the ones after I_N, same outputs."""
+    config = DMNConfig.preset("course", vocab_size=VOCAB, backbone="efficientnet_lite0", backbone_kwargs={})
+    torch.manual_seed(0)
+    full = DMN(config).visual.eval()
+    torch.manual_seed(0)
+    trimmed = DMN(config.replace(trim_backbone=True)).visual.eval()
+    assert len(trimmed.backbone.blocks) < len(full.backbone.blocks)
+    assert count_parameters(trimmed) < count_parameters(full)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(full(images), trimmed(images)):
+            torch.testing.assert_close(a, b)
+    dpn = DMN(DMNConfig.preset("tiny", vocab_size=VOCAB, trim_backbone=True)).visual  # nothing to drop there
+    assert dpn.channels == DMN(DMNConfig.preset("tiny", vocab_size=VOCAB)).visual.channels

@@ -84,7 +84,7 @@ def test_mixed_precision_by_gpu_generation(monkeypatch):
     monkeypatch.undo()
     assert runtime.amp_dtype(cuda, enabled=False) is None and runtime.amp_dtype(torch.device("cpu")) is None
     cpu = runtime.Runtime.start("cpu", amp=True, channels_last=True)
-    assert cpu.amp_dtype is None and not cpu.channels_last and not cpu.grad_scaler().is_enabled()
+    assert cpu.amp_dtype is None and cpu.channels_last and not cpu.grad_scaler().is_enabled()  # channels_last: CPUs too
     assert not cpu.pin_memory()
 
 

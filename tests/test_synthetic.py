@@ -292,3 +292,22 @@ def test_stats_script_runs():
     table = stats.difficulty_table("unc", "val", 8, SIZE, 0, InProcess())
     assert "the largest object" in table and "stride 32" in table
     assert "| unc | 20 |" in stats.expression_table(20, 0, InProcess())
+
+
+def test_cache_returns_the_same_samples_without_rendering_again(monkeypatch):
+    from dmn_lib.data import synthetic
+
+    plain = SynthRef("unc", "train", size=4, image_size=64)
+    cached = SynthRef("unc", "train", size=4, image_size=64, cache=True)
+    first = cached.raw(2)
+    calls = []
+    monkeypatch.setattr(synthetic, "render", lambda *a, **k: calls.append(1))  # a second rendering would fail
+    again = cached.raw(2)
+    assert not calls
+    for a, b in zip(first[:2], again[:2]):
+        np.testing.assert_array_equal(a, b)
+    assert first[2:] == again[2:]
+    again[0][:] = 0  # callers may modify what they get: the cache keeps its own copy
+    assert cached.raw(2)[0].any()
+    monkeypatch.undo()
+    np.testing.assert_array_equal(plain.raw(2)[0], first[0])

@@ -32,7 +32,8 @@ def make_dataset(data, split: str, size: int | None = None) -> Dataset:
     if data.source == "synthref":
         from dmn_lib.data.synthetic import SynthRef
 
-        return SynthRef(data.variant, split, size=size, image_size=data.image_size, seed=data.data_seed)
+        cache = data.cache and split == "train"  # the split a run reads more than once
+        return SynthRef(data.variant, split, size=size, image_size=data.image_size, seed=data.data_seed, cache=cache)
     from dmn_lib.data.refer import ReferDataset
 
     root = Path(data.data_root)

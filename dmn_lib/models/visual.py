@@ -52,6 +52,8 @@ def create_backbone(config: DMNConfig) -> nn.Module:
             backbone = timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
         if weights is not None:
             _check_weights_file(backbone, weights, config.backbone)
+        if config.trim_backbone:
+            _drop_unused_blocks(backbone)
         return backbone
     except (OSError, RuntimeError, ValueError, ImportError) as err:
         if not pretrained:
@@ -66,6 +68,15 @@ def create_backbone(config: DMNConfig) -> nn.Module:
             "checkpoint on a machine with internet and pass DMNConfig(pretrained_file='path/to/weights.pth' "
             "or '.safetensors'), or train from scratch with pretrained=False."
         ) from err
+
+
+def _drop_unused_blocks(backbone: nn.Module) -> None:
+    """timm's EfficientNet feature extractor runs all its blocks, even those after the last scale asked
+    for (with N = 4, the stride-32 blocks: time and parameters for nothing). Other timm backbones
+    (FeatureListNet: DPN, ResNet, ...) already stop at their last tap, and are left as they are."""
+    stages = getattr(backbone, "_stage_out_idx", None)
+    if stages and getattr(backbone, "feature_hooks", None) is None and hasattr(backbone, "blocks"):
+        backbone.blocks = backbone.blocks[: max(stages)]  # feature of stage s is taken after block s - 1
 
 
 @contextlib.contextmanager
