@@ -135,6 +135,14 @@ class TrainConfig(_Fields):
     plateau_patience: int = option(2, "validations without improvement before lr *= plateau_factor",
                                    aliases=("--patience",))
     plateau_factor: float = option(0.1, "the plateau scheduler's factor")
+    lr_schedule: str = option("plateau", "plateau: the paper's (lr x plateau_factor when the watched value "
+                                         "stagnates); constant; cosine: to 0 over each stage; wsd: constant, then "
+                                         "linear to 0 over the last decay_fraction of each stage",
+                              choices=("plateau", "constant", "cosine", "wsd"))
+    warmup_steps: int = option(0, "steps of linear warm-up at the start of each stage")
+    decay_fraction: float = option(0.2, "wsd: the fraction of each stage over which the rate decays to 0")
+    backbone_lr_scale: float = option(1.0, "the Visual Module's learning rate as a fraction of the others' "
+                                           "(ImageNet weights: a smaller one keeps them from being wrecked early)")
     # --- the loss (notebook 07, §3-4) -------------------------------------------------------------
     pos_weight: float = option(3.0, "BCE weight of foreground pixels (targets are small)")
     low_res_weight: float = option(1.0, "weight of the low-res loss kept in stage 2 (0 = the paper)")
@@ -164,9 +172,12 @@ class TrainConfig(_Fields):
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} must be at least 1")
         for name in ("steps_low", "steps_high", "epochs_low", "epochs_high", "eval_every", "ckpt_every",
-                     "eval_batches", "num_workers", "max_minutes", "grad_clip", "low_res_weight", "weight_decay"):
+                     "eval_batches", "num_workers", "max_minutes", "grad_clip", "low_res_weight", "weight_decay",
+                     "warmup_steps", "backbone_lr_scale"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must not be negative")
+        if not 0 < self.decay_fraction <= 1:
+            problems.append(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
         if self.pos_weight <= 0 or self.lr <= 0 or (self.lr_high is not None and self.lr_high <= 0):
             problems.append("pos_weight, lr and lr_high must be positive")
         if problems:

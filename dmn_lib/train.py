@@ -50,15 +50,42 @@ CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, stage: str):
-    """Adam and the plateau scheduler of one stage (§4.3; notebook 07, §5): the one place a run's
-    optimiser and learning-rate schedule are made. Stage 2 may use its own rate, `lr_high`."""
+def make_optimizer(model: nn.Module, config: TrainConfig, stage: str, stage_steps: int = 0):
+    """Adam and the learning-rate schedule of one stage (§4.3; notebook 07, §5): the one place a run's
+    optimiser and schedule are made. Stage 2 may use its own rate, `lr_high`; the Visual Module may run at
+    a fraction of it (`backbone_lr_scale`). The paper's schedule is the plateau scheduler, stepped at every
+    validation; the others are functions of the step within the stage (`stage_steps` long), stepped after
+    every update."""
     lr = config.lr_high if (stage == "high" and config.lr_high) else config.lr
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    mode = "min" if config.plateau_metric == "val_loss" else "max"
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=mode, factor=config.plateau_factor, patience=config.plateau_patience)
-    return optimizer, scheduler
+    optimizer = torch.optim.Adam(parameter_groups(model, lr, config.backbone_lr_scale), lr=lr,
+                                 weight_decay=config.weight_decay)
+    if config.lr_schedule == "plateau":
+        mode = "min" if config.plateau_metric == "val_loss" else "max"
+        return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=config.plateau_factor, patience=config.plateau_patience)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, stage_steps))
+
+
+def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """Adam's parameter groups: the Visual Module's at lr x backbone_lr_scale, the rest at lr."""
+    model = ckpt.unwrap(model)
+    visual = getattr(model, "visual", None)
+    if visual is None or backbone_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    ids = {id(p) for p in visual.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
+            {"params": list(visual.parameters()), "lr": lr * backbone_lr_scale}]
+
+
+def lr_factor(config: TrainConfig, step: int, stage_steps: int) -> float:
+    """The learning rate at `step` of a stage of `stage_steps`, as a fraction of the stage's rate."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    progress = min(1.0, step / max(stage_steps, 1))
+    if config.lr_schedule == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.lr_schedule == "wsd":  # warm-up, stable, decay: linear to 0 over the last decay_fraction
+        return warmup * min(1.0, (1 - progress) / config.decay_fraction)
+    return warmup
 
 
 class Trainer:
@@ -177,7 +204,8 @@ class Trainer:
 
     def start_stage(self, stage: str) -> None:
         """The stage's optimizer and scheduler: new ones, or the saved ones when resuming inside that stage."""
-        self.optimizer, self.scheduler = make_optimizer(self.model, self.config, stage)
+        stage_steps = self.steps_low if stage == "low" else self.steps_high
+        self.optimizer, self.scheduler = make_optimizer(self.model, self.config, stage, stage_steps)
         saved, self._resume_from = self._resume_from, None
         if saved is not None and saved["progress"].get("stage") == stage:
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -203,6 +231,9 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        row["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if self.config.lr_schedule != "plateau":  # a function of the step: stepped after every update
+            self.scheduler.step()
         return row
 
     def validate(self, stage: str) -> dict:
@@ -221,7 +252,7 @@ class Trainer:
             row = self.runtime.broadcast({"loss": float(np.mean(losses)) if losses else None})
         self.state.since_eval = []
         watched = row.get("cum_iou") if self.config.plateau_metric == "val_iou" else row["loss"]
-        if watched is not None:
+        if watched is not None and self.config.lr_schedule == "plateau":
             self.scheduler.step(watched)
         record = {"step": self.step, "stage": stage, "epoch": self.step / self.steps_per_epoch,
                   **{f"val_{k}": v for k, v in row.items()}, "lr": self.optimizer.param_groups[0]["lr"],
@@ -233,7 +264,7 @@ class Trainer:
     def _log_step(self, row: dict, stage: str, bar) -> None:
         self.state.step += 1
         self.state.elapsed = time.perf_counter() - self._start_time
-        row = {"step": self.step, "stage": stage, **row, "lr": self.optimizer.param_groups[0]["lr"],
+        row = {"step": self.step, "stage": stage, **row,
                "time": round(self.state.elapsed, 3)}
         self.history["train"].append(row)
         self.state.since_eval.append(row["loss"])

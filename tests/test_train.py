@@ -177,13 +177,15 @@ def test_training_lowers_the_loss_and_uses_the_query():
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_ends_with_identical_weights(data, tmp_path):
+@pytest.mark.parametrize("schedule", [{}, {"lr_schedule": "wsd", "warmup_steps": 2, "backbone_lr_scale": 0.1}],
+                         ids=["plateau", "wsd-warmup-backbone-lr"])
+def test_interrupted_and_resumed_run_ends_with_identical_weights(data, tmp_path, schedule):
     """Interrupt twice (once in each stage), resume from the last checkpoint each time: the final
-    weights equal those of an uninterrupted run, bit for bit."""
+    weights equal those of an uninterrupted run, bit for bit (with every learning-rate schedule)."""
     train_set, val_set = Squares(24, seed=0), Squares(8, seed=1)  # 6 steps per epoch: crosses epochs
     vocab = data[2]
     config = TrainConfig(steps_low=4, steps_high=5, batch_size=4, eval_every=3, ckpt_every=3,
-                         progress=False, out_dir=str(tmp_path / "straight"))
+                         progress=False, out_dir=str(tmp_path / "straight"), **schedule)
     straight = tiny_model(vocab)
     history = train(straight, train_set, vocab, config, val_set=val_set)
 
@@ -209,6 +211,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(data, tmp_path)
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert [r["loss"] for r in resumed_history["train"]] == [r["loss"] for r in history["train"]]
     assert [r["val_loss"] for r in resumed_history["val"]] == [r["val_loss"] for r in history["val"]]
+    assert [r["lr"] for r in resumed_history["train"]] == [r["lr"] for r in history["train"]]
 
 
 def test_time_limit_stops_early_and_saves(data, tmp_path):
@@ -291,3 +294,28 @@ def test_sharded_evaluation_equals_one_process(data):
     np.testing.assert_array_equal(shared["sweep"].unions, alone["sweep"].unions)
     assert shared["loss"] == alone["loss"] and shared["metrics"] == alone["metrics"]
     assert shared["sweep"].summary_by("colour", 0.5) == alone["sweep"].summary_by("colour", 0.5)  # meta in order
+
+
+def test_learning_rate_schedules_and_backbone_rate():
+    """Each schedule as a function of the step within a stage; the Visual Module's own rate."""
+    from dmn_lib.train import lr_factor, make_optimizer
+
+    def curve(**kw):
+        config = TrainConfig(**kw)
+        return [round(lr_factor(config, step, 10), 3) for step in range(11)]
+
+    assert curve(lr_schedule="constant") == [1.0] * 11
+    assert curve(lr_schedule="constant", warmup_steps=4)[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert curve(lr_schedule="cosine")[0] == 1.0 and curve(lr_schedule="cosine")[5] == 0.5
+    assert curve(lr_schedule="cosine")[10] == 0.0
+    assert curve(lr_schedule="wsd", decay_fraction=0.2) == [1.0] * 9 + [0.5, 0.0]
+    model = DMN(DMNConfig.preset("tiny", vocab_size=10))
+    optimizer, scheduler = make_optimizer(model, TrainConfig(lr=1e-3, backbone_lr_scale=0.1), "low")
+    rates = sorted(group["lr"] for group in optimizer.param_groups)
+    assert rates == pytest.approx([1e-4, 1e-3])
+    visual = {id(p) for p in model.visual.parameters()}
+    slow = next(g for g in optimizer.param_groups if g["lr"] < 5e-4)
+    assert {id(p) for p in slow["params"]} == visual
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # the paper's, by default
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
