@@ -335,6 +335,9 @@ def add_benchmark_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (after warm-up)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--against", default="d847ad3", metavar="COMMIT",
+                   help="(e) on a CPU: the course recipe's training throughput against this commit's, measured in "
+                        "turns (needs the git history; 'none' skips it)")
     p.set_defaults(run=cmd_benchmark)
     return p
 
@@ -343,7 +346,8 @@ def cmd_benchmark(args) -> int:
     """python -m dmn_lib benchmark: dmn_lib.benchmark.run_all (notebook 10, §3)."""
     from dmn_lib.benchmark import run_all
 
-    results = run_all(quick=args.quick, device=args.device, repeats=args.repeats, echo=print)
+    against = None if args.against in ("none", "") else args.against
+    results = run_all(quick=args.quick, device=args.device, repeats=args.repeats, echo=print, against=against)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -21,6 +21,7 @@ Figures are medians over repeats after warm-up steps; on a GPU every timing sync
 """
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -134,25 +135,28 @@ def timed_alternately(steps: dict[str, Callable[[], None]], device: torch.device
 
 
 def training_throughput(config: DMNConfig, image_size: int, batch: int, device: torch.device,
-                        warmup: int, repeats: int) -> dict:
-    """Images per second of the trainer's stage-2 step (forward, loss, backward, Adam)."""
+                        warmup: int, repeats: int, train_config=None) -> dict:
+    """Images per second of the trainer's stage-2 step (forward, loss, backward, Adam), the batch already
+    in memory; `train_config` (a TrainConfig) gives the loss, the memory layout and the optimizer's groups."""
     from dmn_lib.losses import stage_loss, stage_outputs
     from dmn_lib.models.dmn import DMN
     from dmn_lib.runtime import amp_dtype, autocast
     from dmn_lib.spec import TrainConfig
+    from dmn_lib.train import make_optimizer
 
+    tcfg = train_config or TrainConfig()
     torch.manual_seed(0)
     model = DMN(config).to(device).train()
     images, tokens, lengths, masks = _batch(config.vocab_size, batch, 8, image_size, device)
     dtype = amp_dtype(device)
-    if device.type == "cuda":
+    if tcfg.channels_last:  # as the trainer does (dmn_lib.runtime), on a GPU and on a CPU
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer, _ = make_optimizer(model, tcfg.replace(lr=1e-4), "high")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    tcfg = TrainConfig()
     batch_dict = {"images": images, "tokens": tokens, "lengths": lengths, "masks": masks}
 
     def step():
@@ -194,9 +198,71 @@ def synthref_rate(image_size: int, samples: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
+# The course recipe of d847ad3, the commit before the speed work of this version: the README's course-mode
+# command trained the course preset (small DPN from scratch, the sru package's CPU loop) at 192 px, batch 16.
+_OLD_STEP = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from dmn_lib.benchmark import training_throughput
+from dmn_lib.config import DMNConfig
+print(json.dumps(training_throughput(DMNConfig.preset("course", vocab_size=100), 192, 16, torch.device("cpu"),
+                                     1, int(sys.argv[2]))))
+"""
+
+
+def throughput_against(commit: str, repeats: int = 3, rounds: int = 2, echo: Callable[[str], None] = print) -> dict:
+    """The course spec's training throughput now against the course recipe at `commit`, both measured on this
+    machine in one run, in turns (old, new, old, new, ...): the old code runs from `git archive` in a
+    subprocess. Compute only (the batch in memory), and with the data each recipe reads: the old one
+    rendered SynthRef on the fly at 192 px, the new one caches the rendered samples (DataSpec.cache)."""
+    import io
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    from dmn_lib.course import REPO_ROOT
+    from dmn_lib.spec import spec
+
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", commit], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(f"benchmark --against {commit} needs git and the repository's history (a clone): "
+                           f"{getattr(err, 'stderr', b'').decode().strip() or err}") from err
+    run, threads = spec("course"), torch.get_num_threads()
+    config = run.model.replace(vocab_size=100, pretrained_file=None)
+    old, new = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(tmp, filter="data")
+        env = {**os.environ, "PYTHONPATH": tmp}
+        for _ in range(rounds):
+            out = subprocess.run([sys.executable, "-c", _OLD_STEP, str(threads), str(repeats)], cwd=tmp, env=env,
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"the {commit} code failed to run: {out.stderr.strip()[-500:]}")
+            old.append(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
+            new.append(training_throughput(config, run.data.image_size, run.train.batch_size, torch.device("cpu"),
+                                           1, repeats, run.train)["images_per_s"])
+    old_data = synthref_rate(192, 32)  # the same generator then and now
+    result = {"commit": commit, "threads": threads, "old_images_per_s": statistics.median(old),
+              "new_images_per_s": statistics.median(new), "old_synthref_per_s": old_data}
+    result["compute_ratio"] = result["new_images_per_s"] / result["old_images_per_s"]
+    old_with_data = 1 / (1 / result["old_images_per_s"] + 1 / old_data)
+    result["with_data_ratio"] = result["new_images_per_s"] / old_with_data
+    echo(f"(e) training throughput, the course recipe now vs at {commit} ({threads} thread(s), in turns, "
+         f"{rounds} rounds): {result['new_images_per_s']:.1f} vs {result['old_images_per_s']:.1f} images/s = "
+         f"{result['compute_ratio']:.2f}x; with the data each reads (then rendered on the fly, "
+         f"{old_data:.0f} samples/s; now cached): {result['with_data_ratio']:.2f}x")
+    return result
+
+
+BASELINE_COMMIT = "d847ad3"  # the course recipe before this version's speed work (`throughput_against`)
+
+
 def run_all(quick: bool = False, device: str = "auto", repeats: int | None = None,
-            echo: Callable[[str], None] = print) -> dict:
-    """Measure (a)-(d) and print them as they come; returns the figures as a dict."""
+            echo: Callable[[str], None] = print, against: str | None = BASELINE_COMMIT) -> dict:
+    """Measure (a)-(e) and print them as they come; returns the figures as a dict."""
     from dmn_lib.runtime import resolve_device
 
     dev = resolve_device(device)
@@ -254,4 +320,6 @@ def run_all(quick: bool = False, device: str = "auto", repeats: int | None = Non
     results["synthref_samples_per_s"] = rate
     echo(f"(d) SynthRef generation at {size} px: {rate:.1f} samples/s per process "
          "(use DataLoader workers when (b) is faster)")
+    if against and not quick and not gpu:
+        results["against"] = throughput_against(against, reps, echo=echo)
     return results

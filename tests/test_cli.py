@@ -156,3 +156,10 @@ def test_train_flags_are_the_spec_fields(capsys):
     assert run.data == spec("fast").data.replace(image_size=64) and run.model.rnn == "lstm"
     code, _, err = run_cli(["train", "--plateau-metric", "accuracy"], capsys)
     assert code == 2 and "invalid choice: 'accuracy'" in err
+
+
+def test_benchmark_against_an_unknown_commit_says_what_it_needs():
+    from dmn_lib.benchmark import throughput_against
+
+    with pytest.raises(RuntimeError, match="needs git and the repository's history"):
+        throughput_against("no-such-commit-0000", repeats=1, rounds=1)
