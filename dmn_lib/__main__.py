@@ -375,6 +375,8 @@ def add_experiment_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     p.add_argument("--only", default=None, metavar="ROW[,ROW...]",
                    help="train only these rows, e.g. --only full,only_vm (default: every row)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="train each row once per seed (seed k > 0 in ROW/seed<k>/), e.g. --seeds 0 1 --only full")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_experiment)
     return p
@@ -404,7 +406,7 @@ def cmd_experiment(args) -> int:
     command = "python -m dmn_lib " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
     experiment.run_experiment(names, spec_name=args.spec, out=out, device=args.device, jobs=args.jobs,
                               threads=args.threads, progress=not args.no_progress, command=command,
-                              only=args.only.split(",") if args.only else None)
+                              only=args.only.split(",") if args.only else None, seeds=tuple(args.seeds))
     return 0
 
 

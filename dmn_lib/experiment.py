@@ -158,11 +158,12 @@ def row_spec(row: Row, spec_name: str = "course", seed: int = 0) -> RunSpec:
     return run.override(data={"data_seed": seed}, train={"seed": seed})
 
 
-def run_dir(out: str | Path, experiment: str, row: Row) -> Path:
-    """Where a row's files are: its own experiment's folder, or its owner's. Notebook 09, §2."""
-    if row.owner:
-        return Path(out) / row.owner / OWNED_AS[(experiment, row.name)]
-    return Path(out) / experiment / row.name
+def run_dir(out: str | Path, experiment: str, row: Row, seed: int = 0) -> Path:
+    """Where a row's files are: its own experiment's folder, or its owner's; another training seed's run of
+    the row in a `seed<k>` folder inside it. Notebook 09, §2."""
+    owned = row.owner is not None
+    folder = Path(out) / row.owner / OWNED_AS[(experiment, row.name)] if owned else Path(out) / experiment / row.name
+    return folder / f"seed{seed}" if seed else folder
 
 
 def eval_splits(variant: str) -> list[str]:
@@ -268,7 +269,7 @@ def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Pat
 
     if threads:
         torch.set_num_threads(threads)
-    folder = run_dir(out, experiment, row)
+    folder = run_dir(out, experiment, row, seed)
     where = {"out_dir": str(folder), "device": device, "progress": progress}
     run = row_spec(row, spec_name, seed).override(train=where)
     if (folder / "run.json").is_file():
@@ -314,18 +315,21 @@ def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Pat
 
 
 def _run_row_job(args: tuple) -> tuple[str, str, float, float]:
-    experiment, row, kwargs = args
+    experiment, row, seed, kwargs = args
     start = time.perf_counter()
-    run = run_row(experiment, row, **kwargs)
-    return experiment, row.name, run["results"]["val"]["metrics"]["cum_iou"], time.perf_counter() - start
+    run = run_row(experiment, row, seed=seed, **kwargs)
+    name = f"{row.name} (seed {seed})" if seed else row.name
+    return experiment, name, run["results"]["val"]["metrics"]["cum_iou"], time.perf_counter() - start
 
 
 def run_experiment(experiments: str | list[str], spec_name: str = "course", out: str | Path = "results/course",
                    device: str = "cpu", jobs: int = 1, threads: int | None = None, progress: bool = True,
                    command: str | None = None, echo: Callable[[str], None] = print,
-                   figures_dir: str | Path | None = None, only: list[str] | None = None) -> list[Path]:
+                   figures_dir: str | Path | None = None, only: list[str] | None = None,
+                   seeds: tuple[int, ...] = (0,)) -> list[Path]:
     """Train and evaluate every row of one or more experiments (done rows are skipped, cut-off rows
-    resume; `only` restricts it to the named rows), then write the experiments' tables and figures.
+    resume; `only` restricts it to the named rows; `seeds`: each row once per training seed), then write
+    the experiments' tables and figures.
     With jobs > 1, rows train side by side in separate processes (`threads` torch threads each; the
     default splits the cores between them). Notebook 09, §3."""
     from tqdm.auto import tqdm
@@ -338,16 +342,17 @@ def run_experiment(experiments: str | list[str], spec_name: str = "course", out:
     if unknown:
         raise ValueError(f"Unknown rows {unknown} for {experiments}; choose from {sorted(known)}")
     todo, seen = [], set()
-    for experiment in experiments:
-        for row in rows(experiment):
-            folder = run_dir(out, experiment, row)
-            if (not only or row.name in only) and folder not in seen:
-                seen.add(folder)
-                todo.append((experiment, row))
+    for seed in seeds:
+        for experiment in experiments:
+            for row in rows(experiment):
+                folder = run_dir(out, experiment, row, seed)
+                if (not only or row.name in only) and folder not in seen:
+                    seen.add(folder)
+                    todo.append((experiment, row, seed))
     # Runs whose times are compared (Fig. 7) go first, side by side, so they share the machine alike.
     timed_together = {run_dir(out, "rnn", r) for r in rows("rnn")}
-    todo.sort(key=lambda er: run_dir(out, *er) not in timed_together)
-    pending = [(e, r) for e, r in todo if not _is_done(run_dir(out, e, r))]
+    todo.sort(key=lambda ers: run_dir(out, *ers) not in timed_together)
+    pending = [(e, r, s) for e, r, s in todo if not _is_done(run_dir(out, e, r, s))]
     echo(f"{len(todo)} runs, {len(todo) - len(pending)} already done; training {len(pending)} "
          f"({spec_name} spec, {device}, {jobs} at a time) into {out}")
     if threads is None:
@@ -355,15 +360,15 @@ def run_experiment(experiments: str | list[str], spec_name: str = "course", out:
     kwargs = dict(spec_name=spec_name, out=out, device=device, threads=threads, progress=progress and jobs == 1,
                   command=command)
     if jobs <= 1:
-        for experiment, row in pending:
-            echo(f"-> {experiment}/{row.name}: {row.label}")
-            _, _, iou, seconds = _run_row_job((experiment, row, kwargs))
+        for experiment, row, seed in pending:
+            echo(f"-> {experiment}/{row.name}: {row.label}" + (f", seed {seed}" if seed else ""))
+            _, _, iou, seconds = _run_row_job((experiment, row, seed, kwargs))
             echo(f"   val cumulative IoU {iou:.3f} ({seconds / 60:.1f} min)")
     elif pending:
         import multiprocessing
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_row_job, (e, r, kwargs)) for e, r in pending]
+            futures = [pool.submit(_run_row_job, (e, r, s, kwargs)) for e, r, s in pending]
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
                 experiment, name, iou, seconds = future.result()
                 tqdm.write(f"{experiment}/{name}: val cumulative IoU {iou:.3f} ({seconds / 60:.1f} min)")
@@ -380,6 +385,18 @@ def load_runs(out: str | Path, experiment: str) -> dict[str, dict]:
         path = run_dir(out, experiment, row) / "run.json"
         if path.is_file():
             found[row.name] = json.loads(path.read_text())
+    return found
+
+
+def load_seed_runs(out: str | Path, experiment: str) -> dict[str, list[dict]]:
+    """{row name: [run.json of every training seed that is done, seed 0 first]}. Notebook 09, §4."""
+    found = {}
+    for row in rows(experiment):
+        folder = run_dir(out, experiment, row)
+        paths = [folder / "run.json"] + sorted(folder.glob("seed*/run.json"), key=lambda p: int(p.parent.name[4:]))
+        runs = [json.loads(p.read_text()) for p in paths if p.is_file()]
+        if runs:
+            found[row.name] = runs
     return found
 
 

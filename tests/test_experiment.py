@@ -107,6 +107,14 @@ def test_run_experiment_and_report(tmp_path, test_spec, monkeypatch):
     ours = "DMN, ours (SynthRef, test spec)"
     assert layout.loc[ours, ("UNC", "testA")] == table.loc["full", "cum IoU"]
     assert layout.loc[ours, ("GRef", "val")] != layout.loc[ours, ("GRef", "val")]  # NaN: not trained
+    lines.clear()  # a second training seed of one row: its own folder, seed 0 untouched
+    experiment.run_experiment("ablation", spec_name=test_spec, out=tmp_path, progress=False, echo=lines.append,
+                              figures_dir=tmp_path / "figures", only=["full"], seeds=(0, 1))
+    assert lines[0].startswith("2 runs, 1 already done; training 1")
+    seeds = experiment.load_seed_runs(tmp_path, "ablation")
+    assert [len(seeds["only_vm"]), len(seeds["full"])] == [1, 2]
+    assert (tmp_path / "ablation" / "full" / "seed1" / "model.pt").is_file()
+    assert seeds["full"][1]["provenance"]["seed"] == 1 and seeds["full"][1]["spec"]["train"]["seed"] == 1
 
 
 def test_efficientnet_lite0_imagenet_weights(tmp_path):
