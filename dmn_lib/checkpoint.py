@@ -65,6 +65,7 @@ class TrainState:
     epoch: int = 0  # step = epoch * steps_per_epoch + batch_in_epoch
     batch_in_epoch: int = 0
     elapsed: float = 0.0  # wall-clock seconds of training, summed over resumed calls
+    stage_started: float = 0.0  # `elapsed` when the current stage began (time-based schedules)
     since_eval: list = field(default_factory=list)  # training losses since the last validation
     world_size: int = 1  # torchrun processes (the data order depends on it)
     threshold: float | None = None  # the probability threshold picked on val at the last validation

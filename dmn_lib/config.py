@@ -24,6 +24,7 @@ class DMNConfig:
     pretrained_file: str | None = None  # a local .pth/.safetensors of the backbone's weights
     num_scales: int = 5  # N: the VM returns I_1..I_N at strides 2..2^N; the SM works on I_N
     trim_backbone: bool = False  # drop the layers after I_N that timm's EfficientNet features run but never use
+    frozen_blocks: int = 0  # EfficientNet: its stem and first k blocks keep their (ImageNet) weights, BN in eval
 
     # --- Language Module (§3.3, eq. 2-8) ---------------------------------------------------------
     vocab_size: int = 100  # set from the Vocabulary the model is trained with
@@ -70,6 +71,8 @@ class DMNConfig:
             problems.append(f"msru_order={self.msru_order!r} is not one of {MSRU_ORDERS}")
         if self.um_activation not in ("none", "relu"):
             problems.append(f"um_activation={self.um_activation!r} is not 'none' or 'relu'")
+        if self.frozen_blocks < 0:
+            problems.append(f"frozen_blocks={self.frozen_blocks} must not be negative")
         if not 1 <= self.num_scales <= 5:
             problems.append(f"num_scales={self.num_scales} must be between 1 and 5")
         elif len(self.um_channels) != self.num_scales:

@@ -141,6 +141,9 @@ class TrainConfig(_Fields):
                               choices=("plateau", "constant", "cosine", "wsd"))
     warmup_steps: int = option(0, "steps of linear warm-up at the start of each stage")
     decay_fraction: float = option(0.2, "wsd: the fraction of each stage over which the rate decays to 0")
+    lr_schedule_minutes: float = option(0.0, "stage 2's schedule by the clock: its progress is the training time "
+                                             "over this many minutes in all (with max_minutes, so the decay ends "
+                                             "when the budget does, on any machine); 0 = by steps (exact to resume)")
     backbone_lr_scale: float = option(1.0, "the Visual Module's learning rate as a fraction of the others' "
                                            "(ImageNet weights: a smaller one keeps them from being wrecked early)")
     # --- the loss (notebook 07, §3-4) -------------------------------------------------------------
@@ -173,7 +176,7 @@ class TrainConfig(_Fields):
             problems.append(f"batch_size={self.batch_size} must be at least 1")
         for name in ("steps_low", "steps_high", "epochs_low", "epochs_high", "eval_every", "ckpt_every",
                      "eval_batches", "num_workers", "max_minutes", "grad_clip", "low_res_weight", "weight_decay",
-                     "warmup_steps", "backbone_lr_scale"):
+                     "warmup_steps", "backbone_lr_scale", "lr_schedule_minutes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must not be negative")
         if not 0 < self.decay_fraction <= 1:

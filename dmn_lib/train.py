@@ -50,12 +50,13 @@ CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, stage: str, stage_steps: int = 0):
+def make_optimizer(model: nn.Module, config: TrainConfig, stage: str, stage_steps: int = 0,
+                   clock: Callable[[], float] | None = None):
     """Adam and the learning-rate schedule of one stage (§4.3; notebook 07, §5): the one place a run's
     optimiser and schedule are made. Stage 2 may use its own rate, `lr_high`; the Visual Module may run at
     a fraction of it (`backbone_lr_scale`). The paper's schedule is the plateau scheduler, stepped at every
-    validation; the others are functions of the step within the stage (`stage_steps` long), stepped after
-    every update."""
+    validation; the others are functions of the stage's progress, stepped after every update: the step
+    within the stage (`stage_steps` long), or `clock()`, the fraction of a time budget spent."""
     lr = config.lr_high if (stage == "high" and config.lr_high) else config.lr
     optimizer = torch.optim.Adam(parameter_groups(model, lr, config.backbone_lr_scale), lr=lr,
                                  weight_decay=config.weight_decay)
@@ -63,7 +64,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig, stage: str, stage_step
         mode = "min" if config.plateau_metric == "val_loss" else "max"
         return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=mode, factor=config.plateau_factor, patience=config.plateau_patience)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, stage_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config, step, stage_steps, clock() if clock else None))
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
@@ -77,10 +79,11 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> l
             {"params": list(visual.parameters()), "lr": lr * backbone_lr_scale}]
 
 
-def lr_factor(config: TrainConfig, step: int, stage_steps: int) -> float:
-    """The learning rate at `step` of a stage of `stage_steps`, as a fraction of the stage's rate."""
+def lr_factor(config: TrainConfig, step: int, stage_steps: int, fraction: float | None = None) -> float:
+    """The learning rate at `step` of a stage of `stage_steps` (or `fraction` of its time budget spent),
+    as a fraction of the stage's rate."""
     warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    progress = min(1.0, step / max(stage_steps, 1))
+    progress = min(1.0, step / max(stage_steps, 1) if fraction is None else fraction)
     if config.lr_schedule == "cosine":
         return warmup * 0.5 * (1 + math.cos(math.pi * progress))
     if config.lr_schedule == "wsd":  # warm-up, stable, decay: linear to 0 over the last decay_fraction
@@ -205,8 +208,11 @@ class Trainer:
     def start_stage(self, stage: str) -> None:
         """The stage's optimizer and scheduler: new ones, or the saved ones when resuming inside that stage."""
         stage_steps = self.steps_low if stage == "low" else self.steps_high
-        self.optimizer, self.scheduler = make_optimizer(self.model, self.config, stage, stage_steps)
+        clock = self._time_spent if (stage == "high" and self.config.lr_schedule_minutes) else None
+        self.optimizer, self.scheduler = make_optimizer(self.model, self.config, stage, stage_steps, clock)
         saved, self._resume_from = self._resume_from, None
+        if saved is None or saved["progress"].get("stage") != stage:
+            self.state.stage_started = self.state.elapsed
         if saved is not None and saved["progress"].get("stage") == stage:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
@@ -270,6 +276,11 @@ class Trainer:
         self.state.since_eval.append(row["loss"])
         bar.update(1)
         bar.set_postfix(stage=stage, loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}")
+
+    def _time_spent(self) -> float:
+        """The fraction of stage 2's time (lr_schedule_minutes in all, less what stage 1 took) spent so far."""
+        budget = 60 * self.config.lr_schedule_minutes - self.state.stage_started
+        return (self.state.elapsed - self.state.stage_started) / max(budget, 1e-9)
 
     def _out_of_time(self, call_start: float) -> bool:
         """Past max_minutes in this call? Every process must agree, or DDP would hang."""

@@ -277,3 +277,20 @@ def test_trim_backbone_drops_unused_blocks_and_keeps_the_features():
             torch.testing.assert_close(a, b)
     dpn = DMN(DMNConfig.preset("tiny", vocab_size=VOCAB, trim_backbone=True)).visual  # nothing to drop there
     assert dpn.channels == DMN(DMNConfig.preset("tiny", vocab_size=VOCAB)).visual.channels
+
+
+def test_frozen_blocks_keep_their_weights_and_statistics():
+    config = DMNConfig.preset("course", vocab_size=VOCAB, backbone="efficientnet_lite0", backbone_kwargs={},
+                              trim_backbone=True, frozen_blocks=2)
+    model = DMN(config).train()
+    frozen = model.visual.frozen
+    assert len(frozen) == 4 and all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(not m.training for m in frozen) and model.visual.backbone.blocks[2].training
+    before = {k: v.clone() for k, v in model.visual.backbone.bn1.state_dict().items()}
+    tokens = torch.randint(2, VOCAB, (2, 3))
+    model(torch.randn(2, 3, 64, 64), tokens, torch.tensor([3, 2])).mean().backward()
+    for k, v in model.visual.backbone.bn1.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics untouched in training mode
+    assert all(p.grad is not None for p in model.visual.backbone.blocks[2].parameters())  # the rest trains
+    with pytest.raises(ValueError, match="frozen_blocks=2 needs an EfficientNet-like backbone"):
+        DMN(DMNConfig.preset("tiny", vocab_size=VOCAB, frozen_blocks=2))

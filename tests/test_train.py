@@ -309,6 +309,8 @@ def test_learning_rate_schedules_and_backbone_rate():
     assert curve(lr_schedule="cosine")[0] == 1.0 and curve(lr_schedule="cosine")[5] == 0.5
     assert curve(lr_schedule="cosine")[10] == 0.0
     assert curve(lr_schedule="wsd", decay_fraction=0.2) == [1.0] * 9 + [0.5, 0.0]
+    by_clock = TrainConfig(lr_schedule="wsd", decay_fraction=0.25)  # stage 2 by a time budget: 90 % spent
+    assert lr_factor(by_clock, 3, 10_000, fraction=0.9) == pytest.approx(0.4)
     model = DMN(DMNConfig.preset("tiny", vocab_size=10))
     optimizer, scheduler = make_optimizer(model, TrainConfig(lr=1e-3, backbone_lr_scale=0.1), "low")
     rates = sorted(group["lr"] for group in optimizer.param_groups)
@@ -319,3 +321,14 @@ def test_learning_rate_schedules_and_backbone_rate():
     assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # the paper's, by default
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
+
+
+def test_a_schedule_by_the_clock_decays_by_the_end_of_the_budget(data, tmp_path):
+    """lr_schedule_minutes: stage 2's rate follows the time spent, so the decay ends with max_minutes."""
+    train_set, _, vocab = data
+    config = TrainConfig(steps_low=2, steps_high=100_000, batch_size=4, lr_schedule="wsd", decay_fraction=0.5,
+                         lr_schedule_minutes=0.04, max_minutes=0.04, progress=False, out_dir=None)
+    history = train(tiny_model(vocab), train_set, vocab, config)
+    high = [r["lr"] for r in history["train"] if r["stage"] == "high"]
+    assert len(high) >= 3 and high[0] == pytest.approx(config.lr)  # stable first...
+    assert high[-1] < 0.5 * config.lr  # ...then down towards 0 as the budget runs out

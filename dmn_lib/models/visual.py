@@ -32,9 +32,33 @@ class VisualModule(nn.Module):
                 "(one map per halving of the image). Pick a backbone with a stride-2 stem, e.g. a DPN or ResNet."
             )
 
+        self.frozen = frozen_layers(self.backbone, config.frozen_blocks)
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "VisualModule":
+        """As nn.Module.train, but frozen layers stay in eval mode: their BatchNorms keep the statistics
+        their weights were trained with."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images B x 3 x H x W -> [I_1, ..., I_N], I_n of size about H/2^n x W/2^n."""
         return self.backbone(images)
+
+
+def frozen_layers(backbone: nn.Module, blocks: int) -> list[nn.Module]:
+    """The stem and the first `blocks` blocks of an EfficientNet feature extractor (`frozen_blocks`). With
+    ImageNet weights their low-level filters need no training, and no gradient has to flow through the
+    largest maps: a faster step."""
+    if not blocks:
+        return []
+    if not all(hasattr(backbone, name) for name in ("conv_stem", "bn1", "blocks")) or blocks > len(backbone.blocks):
+        raise ValueError(f"frozen_blocks={blocks} needs an EfficientNet-like backbone (conv_stem, bn1 and at least "
+                         f"{blocks} blocks), got {type(backbone).__name__}: use frozen_blocks=0")
+    return [backbone.conv_stem, backbone.bn1, *backbone.blocks[:blocks]]
 
 
 def create_backbone(config: DMNConfig) -> nn.Module:
