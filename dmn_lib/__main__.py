@@ -362,8 +362,10 @@ def add_experiment_parser(sub) -> argparse.ArgumentParser:
         description="Train and evaluate every row of an experiment into OUT/<experiment>/<row>/ (resumable: "
                     "done rows are skipped, cut-off rows resume), then write its tables and figures. "
                     "`report` only regenerates the tables and figures from the results under --out.")
-    p.add_argument("experiment", choices=("ablation", "rnn", "table2", "all", "report"),
-                   help="all = the three experiments in one queue")
+    p.add_argument("experiment", choices=("ablation", "rnn", "table2", "all", "unc15", "flagship", "report"),
+                   help="all = the paper's three experiments in one queue; unc15 = the 15-minute run and its "
+                        "image-only twin (results/course/unc15/); flagship = the course's best model "
+                        "(results/course/unc/, up to 170 minutes, resumable)")
     p.add_argument("--spec", choices=tuple(SPECS), default=DEFAULT_SPEC,
                    help="the spec every row overrides (dmn_lib.spec): course = 2 CPU cores, ~10 min a row; "
                         "paper = the paper's sizes and recipe on a GPU; fast, tiny = seconds, to check the "

@@ -51,7 +51,8 @@ __all__ = [
     "REPORTS", "report",
 ]
 
-EXPERIMENTS = ("ablation", "rnn", "table2")
+EXPERIMENTS = ("ablation", "rnn", "table2")  # the paper's (`all`)
+RUNS = ("unc15", "flagship")  # the course's own: the 15-minute run and the flagship model (notebooks 07, 08, 11)
 RUN_FILES = ("model.pt", "run.json", "history.json")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,13 +142,23 @@ ROWS: dict[str, list[Row]] = {
         Row("referit", "ReferIt", {"data": dict(variant="referit")}),
     ],
 }
+# The course's own runs. The 15-minute run (the README's course-mode command, notebook 07's course mode):
+# the course spec by the clock, stage 2's decay ending at 15 minutes of training on whatever machine; beside
+# it the image-only model with the same recipe and time (its val metrics go into the full model's run.json,
+# under "image_only"). The flagship (notebooks 08 and 11): the same recipe for up to 170 minutes.
+MINUTES_15 = {"train": {"steps_high": 1_000_000, "max_minutes": 15.0, "lr_schedule_minutes": 15.0}}
+FLAGSHIP = {"train": {"steps_high": 10_000_000, "lr_schedule_minutes": 170.0, "eval_every": 1000}}
+ROWS["unc15"] = [Row("full", "DMN, 15 minutes", MINUTES_15),
+                 Row("image_only", "Only VM, 15 minutes", {**MINUTES_15, "model": dict(use_language=False)})]
+ROWS["flagship"] = [Row("unc", "DMN, flagship", FLAGSHIP)]
+FOLDERS = {("unc15", "full"): "unc15", ("unc15", "image_only"): "unc15/image_only", ("flagship", "unc"): "unc"}
 OWNED_AS = {("rnn", "sru"): "full", ("table2", "unc"): "full"}  # the name of the run in its owner's folder
 
 
 def rows(experiment: str) -> list[Row]:
     """The rows of "ablation", "rnn" or "table2". Notebook 09, §1."""
     if experiment not in ROWS:
-        raise ValueError(f"Unknown experiment {experiment!r}; choose one of {EXPERIMENTS}")
+        raise ValueError(f"Unknown experiment {experiment!r}; choose one of {EXPERIMENTS + RUNS}")
     return ROWS[experiment]
 
 
@@ -161,8 +172,12 @@ def row_spec(row: Row, spec_name: str = "course", seed: int = 0) -> RunSpec:
 def run_dir(out: str | Path, experiment: str, row: Row, seed: int = 0) -> Path:
     """Where a row's files are: its own experiment's folder, or its owner's; another training seed's run of
     the row in a `seed<k>` folder inside it. Notebook 09, §2."""
-    owned = row.owner is not None
-    folder = Path(out) / row.owner / OWNED_AS[(experiment, row.name)] if owned else Path(out) / experiment / row.name
+    if (experiment, row.name) in FOLDERS:
+        folder = Path(out) / FOLDERS[(experiment, row.name)]
+    elif row.owner is not None:
+        folder = Path(out) / row.owner / OWNED_AS[(experiment, row.name)]
+    else:
+        folder = Path(out) / experiment / row.name
     return folder / f"seed{seed}" if seed else folder
 
 
@@ -223,13 +238,50 @@ def _git_commit() -> str | None:
 # =============================================================================================
 # One row: train (resumably), evaluate with the threshold from val, export
 # =============================================================================================
+WORD_FREE = ("all objects (their union)", "the largest object", "a random object")
+
+
+def word_free_bounds(data, split: str, size: int | None = None, cache_dir: str | Path | None = None) -> dict:
+    """The guesses that never read the query, on the samples a row is evaluated on (notebook 07, §6):
+    {guess: {"metrics": ..., "by_kind": ...}} for the union of all objects, the largest object and a random
+    one (seed 0). A model must beat them to show it reads the words. SynthRef only ({} for REFER data).
+    `cache_dir`: kept there as JSON, since every row of an experiment is evaluated on the same samples."""
+    import numpy as np
+
+    from dmn_lib.data.datasets import make_dataset
+    from dmn_lib.metrics import ThresholdSweep
+
+    if data.source != "synthref":
+        return {}
+    ds, rng = make_dataset(data, split, size), np.random.default_rng(0)
+    cached = Path(cache_dir or ".") / f"{data.variant}_{split}_{len(ds)}_{data.image_size}px_seed{data.data_seed}.json"
+    if cache_dir and cached.is_file():
+        return json.loads(cached.read_text())
+    sweeps = {name: ThresholdSweep([0.5]) for name in WORD_FREE}
+    for i in range(len(ds)):
+        masks = np.stack(ds.instance_masks(i))
+        meta = ds.scene(i)[0]
+        target = torch.from_numpy(masks[meta["target"]])[None]
+        row = [{"kind": meta["kind"]}]
+        guesses = (masks.any(0), masks[masks.sum((1, 2)).argmax()], masks[rng.integers(len(masks))])
+        for name, guess in zip(WORD_FREE, guesses):
+            sweeps[name].update(torch.from_numpy(guess)[None].float(), target, row)
+    bounds = {name: {"metrics": s.summary(0.5), "by_kind": {str(k): v for k, v in s.summary_by("kind", 0.5).items()}}
+              for name, s in sweeps.items()}
+    if cache_dir:
+        from dmn_lib.train import write_json
+
+        write_json(cached, bounds)  # atomic: rows trained side by side may write it at once
+    return bounds
+
+
 #: where each split's threshold is picked (the paper: "optimal thresholds from the training or validation
 #: splits"): the test splits' on val, val's own on a train subset (its first `val_size` samples)
 THRESHOLD_FROM = {"val": "train"}
 TRAIN_SUBSET_LABEL = "train subset"
 
 
-def evaluate_row(model, vocab, run: RunSpec, device: str) -> tuple[dict, float]:
+def evaluate_row(model, vocab, run: RunSpec, device: str, cache_dir: str | Path | None = None) -> tuple[dict, float]:
     """Every split of the row's variant at a threshold picked on another split (notebook 08, §4): the test
     splits at val's best threshold, val at a train subset's. (results, the threshold picked on val).
     Each split also records its oracle (the threshold picked on itself), labelled so."""
@@ -253,7 +305,8 @@ def evaluate_row(model, vocab, run: RunSpec, device: str) -> tuple[dict, float]:
                           "threshold_from": TRAIN_SUBSET_LABEL if source == "train" else source,
                           "oracle": {**picked["oracle"], "label": picked["oracle_label"]},
                           "by_kind": {str(k): v for k, v in sweeps[split].summary_by("kind", t).items()},
-                          "by_lookalikes": {str(k): v for k, v in sweeps[split].summary_by("n_lookalikes", t).items()}}
+                          "by_lookalikes": {str(k): v for k, v in sweeps[split].summary_by("n_lookalikes", t).items()},
+                          "word_free": word_free_bounds(run.data, split, len(sweeps[split]), cache_dir)}
     return results, sweeps["val"].best_threshold()
 
 
@@ -288,7 +341,7 @@ def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Pat
     history = train(model, train_set, vocab, run.train, val_set=val_set, data=run.data, resume=True,
                     extra={"spec": spec_name, "experiment": experiment, "row": row.name, "command": command})
     state = ckpt.load_checkpoint(folder / "checkpoint.pt")
-    results, threshold = evaluate_row(model, vocab, run, device)
+    results, threshold = evaluate_row(model, vocab, run, device, cache_dir=Path(out) / "word_free")
     ckpt.export_model(folder / "checkpoint.pt", folder / "model.pt")
 
     progress_state = state["progress"]
@@ -309,8 +362,25 @@ def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Pat
             "command": command,
         },
         "final_val": history["val"][-1] if history["val"] else None,
+        "progress": progress_state, "extra": {"data": run.data.to_dict()},  # as in the checkpoint
     }
     write_json(folder / "run.json", record)
+    return record
+
+
+def merge_image_only(out: str | Path) -> dict | None:
+    """The 15-minute run's record gets its image-only twin's val metrics, under "image_only" (once both
+    are done). Notebook 07, §7."""
+    full, image_only = (run_dir(out, "unc15", row) / "run.json" for row in ROWS["unc15"])
+    if not (full.is_file() and image_only.is_file()):
+        return None
+    from dmn_lib.train import write_json
+
+    record, twin = json.loads(full.read_text()), json.loads(image_only.read_text())
+    record["image_only"] = {"results": {"val": twin["results"]["val"]}, "final_val": twin["final_val"],
+                            "progress": twin["progress"], "parameters": twin["parameters"],
+                            "folder": "image_only/"}
+    write_json(full, record)
     return record
 
 
@@ -372,7 +442,10 @@ def run_experiment(experiments: str | list[str], spec_name: str = "course", out:
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
                 experiment, name, iou, seconds = future.result()
                 tqdm.write(f"{experiment}/{name}: val cumulative IoU {iou:.3f} ({seconds / 60:.1f} min)")
-    return report(out, experiments, figures_dir=figures_dir, echo=echo)
+    if "unc15" in experiments:
+        merge_image_only(out)
+    paper = [e for e in experiments if e in EXPERIMENTS]
+    return report(out, paper, figures_dir=figures_dir, echo=echo) if paper else []
 
 
 # =============================================================================================

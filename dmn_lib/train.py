@@ -181,7 +181,7 @@ class Trainer:
                    disable=not (self.config.progress and self.is_main))
         stream = self.batches()
         self.model.train()
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self._budget_spent():
             stage = self.stage_of(self.step)
             if stage != self.state.stage:
                 self.start_stage(stage)  # a fresh Adam and scheduler: stage 2 "finetunes"
@@ -198,7 +198,9 @@ class Trainer:
             for callback in self.callbacks:
                 callback(self)
             if out_of_time:
-                self._say(f"Stopped at step {self.step}/{self.total_steps}: max_minutes="
+                self._say(f"Stopped at step {self.step}/{self.total_steps}: the schedule's "
+                          f"{self.config.lr_schedule_minutes:g} minutes are over" if self._budget_spent() else
+                          f"Stopped at step {self.step}/{self.total_steps}: max_minutes="
                           f"{self.config.max_minutes:g} reached (resume=True goes on)")
                 break
         bar.close()
@@ -283,9 +285,15 @@ class Trainer:
         return (self.state.elapsed - self.state.stage_started) / max(budget, 1e-9)
 
     def _out_of_time(self, call_start: float) -> bool:
-        """Past max_minutes in this call? Every process must agree, or DDP would hang."""
-        return bool(self.config.max_minutes) and self.runtime.any(
-            time.perf_counter() - call_start > 60 * self.config.max_minutes)
+        """Past max_minutes in this call, or past the whole run's lr_schedule_minutes (its schedule is over)?
+        Every process must agree, or DDP would hang."""
+        call = bool(self.config.max_minutes) and time.perf_counter() - call_start > 60 * self.config.max_minutes
+        return (bool(self.config.max_minutes) or bool(self.config.lr_schedule_minutes)) and self.runtime.any(
+            call or self._budget_spent())
+
+    def _budget_spent(self) -> bool:
+        """A run scheduled by the clock is over when its lr_schedule_minutes are (its rate is 0 then)."""
+        return bool(self.config.lr_schedule_minutes) and self.state.elapsed >= 60 * self.config.lr_schedule_minutes
 
     def _say(self, message: str) -> None:
         if self.is_main and self.config.progress:

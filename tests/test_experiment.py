@@ -164,3 +164,19 @@ def test_committed_results_are_read_as_done(tmp_path):
         shutil.copy(committed / "ablation" / "full" / name, tmp_path / "ablation" / "full" / name)
     again = experiment.run_row("ablation", experiment.rows("ablation")[5], "course", out=tmp_path, progress=False)
     assert again == runs["full"]
+
+
+def test_the_15_minute_run_records_its_image_only_twin(tmp_path, test_spec, monkeypatch):
+    seconds = {"train": {"steps_high": 1_000_000, "max_minutes": 0.02, "lr_schedule_minutes": 0.02}}  # not 15 min
+    monkeypatch.setitem(experiment.ROWS, "unc15", [
+        experiment.Row(r.name, r.label, {**r.overrides, **seconds}) for r in experiment.ROWS["unc15"]])
+    written = experiment.run_experiment("unc15", spec_name=test_spec, out=tmp_path, progress=False, echo=lambda _: None)
+    assert written == []  # no paper tables for the course's own runs
+    record = json.loads((tmp_path / "unc15" / "run.json").read_text())
+    twin = json.loads((tmp_path / "unc15" / "image_only" / "run.json").read_text())
+    assert record["image_only"]["results"]["val"] == twin["results"]["val"]
+    assert experiment.ROWS["unc15"][0].overrides["train"]["lr_schedule_minutes"] == 0.02
+    assert record["spec"]["train"]["lr_schedule_minutes"] == 0.02 and twin["config"]["use_language"] is False
+    assert record["progress"]["elapsed"] > 0 and record["extra"]["data"]["val_size"] == SPECS["tiny"].data.val_size
+    assert set(record["results"]["val"]["word_free"]) == set(experiment.WORD_FREE)
+    assert record["results"]["val"]["threshold_from"] == "train subset"
