@@ -134,8 +134,11 @@ def run_spec(args):
     run = spec(args.spec, data=field_values(args, DataSpec), train=field_values(args, TrainConfig))
     try:
         model = DMNConfig.preset(args.preset) if args.preset else run.model
+        model = model.replace(**parse_sets(args.set))
         weights = {None: run.imagenet_weights, "none": None}.get(args.imagenet_weights, args.imagenet_weights)
-        return run.override(model=model.replace(**parse_sets(args.set)), imagenet_weights=weights)
+        if args.imagenet_weights is None and weights != model.backbone:
+            weights = None  # the spec's weights are for its own backbone, not for another --preset/--set backbone
+        return run.override(model=model, imagenet_weights=weights)
     except TypeError as err:
         raise UsageError(f"--set: {err}") from err
 

@@ -114,7 +114,11 @@ class Row:
         return {"name": self.name, "label": self.label, "overrides": self.overrides, "owner": self.owner}
 
 
-EFFICIENTNET = {"model": dict(backbone="efficientnet_lite0", backbone_kwargs={})}
+# The backbone rows: the course spec's Visual Module without its ImageNet weights (nothing frozen then),
+# and the course's earlier backbone, a small DPN (DMNConfig.preset("small_dpn")'s), from scratch.
+NO_IMAGENET = {"imagenet_weights": None, "model": dict(frozen_blocks=0)}
+SMALL_DPN = {"imagenet_weights": None, "model": {k: DMNConfig.preset("small_dpn").to_dict()[k] for k in (
+    "backbone", "backbone_kwargs", "trim_backbone", "frozen_blocks")}}
 ROWS: dict[str, list[Row]] = {
     # Table 1, in the paper's order, then rows of ours.
     "ablation": [
@@ -125,9 +129,8 @@ ROWS: dict[str, list[Row]] = {
         Row("no_concat_rt", "No concatenation of r_t", {"model": dict(concat_rt=False)}),
         Row("full", "DMN"),
         Row("no_loc", "No LOC (ours)", {"model": dict(use_loc=False)}),
-        Row("efficientnet_scratch", "EfficientNet-Lite0 backbone, from scratch (ours)", EFFICIENTNET),
-        Row("efficientnet_imagenet", "EfficientNet-Lite0 backbone, ImageNet weights (ours)",
-            {**EFFICIENTNET, "imagenet_weights": "efficientnet_lite0"}),
+        Row("no_imagenet", "No ImageNet weights: EfficientNet-Lite0 from scratch (ours)", NO_IMAGENET),
+        Row("small_dpn", "A small DPN from scratch, the earlier course backbone (ours)", SMALL_DPN),
     ],
     # Fig. 7: the same network with SRUs or LSTMs in the Language and Synthesis Modules.
     "rnn": [

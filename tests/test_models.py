@@ -264,7 +264,7 @@ def test_pretrained_file_loads_local_weights(tmp_path):
 
 def test_trim_backbone_drops_unused_blocks_and_keeps_the_features():
     """EfficientNet's feature extractor runs every block; trimming drops the ones after I_N, same outputs."""
-    config = DMNConfig.preset("course", vocab_size=VOCAB, backbone="efficientnet_lite0", backbone_kwargs={})
+    config = DMNConfig.preset("course", vocab_size=VOCAB, trim_backbone=False)  # EfficientNet-Lite0
     torch.manual_seed(0)
     full = DMN(config).visual.eval()
     torch.manual_seed(0)
@@ -280,8 +280,7 @@ def test_trim_backbone_drops_unused_blocks_and_keeps_the_features():
 
 
 def test_frozen_blocks_keep_their_weights_and_statistics():
-    config = DMNConfig.preset("course", vocab_size=VOCAB, backbone="efficientnet_lite0", backbone_kwargs={},
-                              trim_backbone=True, frozen_blocks=2)
+    config = DMNConfig.preset("course", vocab_size=VOCAB)  # EfficientNet-Lite0, trimmed, 2 blocks frozen
     model = DMN(config).train()
     frozen = model.visual.frozen
     assert len(frozen) == 4 and all(not p.requires_grad for m in frozen for p in m.parameters())
