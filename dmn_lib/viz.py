@@ -227,7 +227,7 @@ def prob_map(ax, prob: Any, threshold: float | None = 0.5, gt: Any = None, cmap:
     """A probability map on `ax`: `cmap` over the fixed range [0, 1] (with a colorbar unless
     `colorbar=False`), the `threshold` contour in white (the predicted mask's edge) and, if given, the
     ground truth's outline in green, dashed. Returns the AxesImage (e.g. for one shared colorbar).
-    Notebook 06, §8."""
+    Notebook 05, §5."""
     p = _map(prob, "prob")
     with matplotlib.rc_context(STYLE):
         shown = ax.imshow(p, cmap=cmap, vmin=0, vmax=1)
@@ -247,7 +247,7 @@ def image_and_prob(image: Any, prob: Any, threshold: float | None = 0.5, gt: Any
     """The image beside its probability map: left the image, untouched but for the outlines (the
     threshold contour in white, the ground truth in green, dashed); right the map with `cmap`, a
     colorbar and the same contours. `axes=(ax_image, ax_map)` draws into your axes. This is what
-    `python -m dmn_lib predict` writes as overlay.png. Notebook 06, §8."""
+    `python -m dmn_lib predict` writes as overlay.png. Notebook 06, §5."""
     img = _image(image)
     p = _map(prob, "prob", img.shape[:2])
     gt_map = None if gt is None else _map(gt, "gt", img.shape[:2])
