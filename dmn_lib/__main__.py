@@ -282,7 +282,8 @@ def add_predict_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt or model.pt")
     p.add_argument("--image", required=True, help="an RGB or grayscale image file")
     p.add_argument("--query", required=True, help='the referring expression, e.g. "the red circle"')
-    p.add_argument("--out", required=True, help="folder for mask.png, overlay.png and prediction.json")
+    p.add_argument("--out", required=True, help="folder for mask.png (the image's size), overlay.png (the image "
+                   "beside its probability map) and prediction.json")
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: the one picked on val during training, else 0.5)")
     p.add_argument("--image-size", type=int, default=None,
@@ -301,7 +302,7 @@ def cmd_predict(args) -> int:
     from dmn_lib.data.transforms import load_image
     from dmn_lib.inference import predict
     from dmn_lib.runtime import resolve_device
-    from dmn_lib.viz import heatmap
+    from dmn_lib.viz import image_and_prob, save_figure
 
     image = load_image(args.image)  # clear errors: missing file, not an image, unsupported mode
     device = resolve_device(args.device)
@@ -316,7 +317,9 @@ def cmd_predict(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     Image.fromarray((p.mask * 255).astype(np.uint8)).save(out / "mask.png")
-    Image.fromarray(heatmap(p.probability, np.asarray(image), alpha=0.5)).save(out / "overlay.png")
+    # the image beside its probability map (sequential colours, a colorbar, the threshold's contour): a tint
+    # over the image would hide the very colour the query names
+    save_figure(image_and_prob(np.asarray(image), p.probability, threshold, caption=args.query), out / "overlay.png")
     info = {"checkpoint": str(args.checkpoint), "image": str(args.image), "query": args.query, "tokens": p.tokens,
             "threshold": threshold, "network_size": size, "mask_fraction": float(p.mask.mean()),
             "max_probability": float(p.probability.max())}

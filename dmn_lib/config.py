@@ -17,7 +17,7 @@ MSRU_ORDERS = ("per_pixel", "flattened")
 class DMNConfig:
     # --- Visual Module (§3.2): a timm backbone with features_only=True --------------------------
     """The model's sizes and switches; `DMNConfig.preset(name)` for "paper", "course" or "tiny".
-    Notebook 00, §6 (the presets) and 09, §1 (the switches)."""
+    Notebook 00, §5 (the presets) and 09, §1 (the switches)."""
     backbone: str = "dpn92"
     backbone_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model
     pretrained: bool = False  # ImageNet weights: need network access or `pretrained_file`

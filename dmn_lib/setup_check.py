@@ -1,6 +1,6 @@
 """`python -m dmn_lib.setup_check`: compile the course's small C++ ops once and report the environment.
 
-Run by ``make setup``; notebook 00 calls :func:`report` too. Two ops are compiled, once per
+Run by ``make setup``; notebook 12, §1 calls :func:`report` too. Two ops are compiled, once per
 environment: the `sru` package's (notebook 03 compares our SRU with the package) and dmn_lib's fused
 SRU recurrence for the CPU (`dmn_lib/models/_sru_cpu.cpp`, what `DMNConfig.rnn = "sru"` trains with).
 """

@@ -1,8 +1,8 @@
 """Pictures and tables for the course: overlays, heatmaps, qualitative grids, curves, result tables.
 
-Used across notebooks 01–11 (01: samples and masks; 07: training curves; 08: result tables and
-threshold curves; 09–10: ablation and SRU-vs-LSTM bars and curves; 11: qualitative grids like the
-paper's Figs. 8–9 and the mask word by word).
+Used across notebooks 01–11 (01: samples and masks; 05–06: a probability map beside its image; 07:
+training curves; 08: result tables and threshold curves; 09–10: ablation and SRU-vs-LSTM bars and
+curves; 11: qualitative grids like the paper's Figs. 8–9 and the mask word by word).
 
 Conventions
 -----------
@@ -15,6 +15,9 @@ Conventions
   Functions that take `ax=` draw into your axes and return `ax.figure` (then pyplot shows it as usual).
 * `save="figures/x.png"` writes a PNG at a fixed `DPI` (folders are created) without the
   matplotlib-version metadata, so regenerated figures are byte-for-byte comparable.
+* Probabilities are drawn with a sequential colormap (`PROB_CMAP`) over a fixed [0, 1] with a colorbar,
+  the threshold as a contour, and the image *beside* the map (`image_and_prob`), never tinted under
+  it: a blend hides the colour the query names (a red star under a blue-to-red map reads orange).
 * One fixed style (`STYLE`, seaborn "whitegrid" + DejaVu Sans) is applied inside each function
   only (`matplotlib.rc_context`); the global matplotlib settings are never changed.
 """
@@ -26,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import matplotlib
 import matplotlib.colors
+import matplotlib.patheffects
 import numpy as np
 import seaborn as sns
 import torch
@@ -35,8 +39,8 @@ from PIL import Image
 from dmn_lib.metrics import iou
 
 __all__ = [
-    "DPI", "STYLE", "PRED_COLOR", "GT_COLOR", "HEATMAP_CMAP", "PAPER_COLUMNS",
-    "overlay", "heatmap", "show_sample", "qualitative_grid", "steps_strip",
+    "DPI", "STYLE", "PRED_COLOR", "GT_COLOR", "HEATMAP_CMAP", "PROB_CMAP", "PAPER_COLUMNS",
+    "overlay", "heatmap", "outline", "prob_map", "image_and_prob", "show_sample", "qualitative_grid", "steps_strip",
     "plot_curves", "threshold_curve", "results_table", "markdown_table", "bar_compare", "save_figure",
 ]
 
@@ -51,6 +55,7 @@ STYLE = {
 PRED_COLOR = (230, 57, 70)    # red: what the model predicts
 GT_COLOR = (46, 204, 113)     # green: the ground truth
 HEATMAP_CMAP = "jet"          # as the paper's figures; "viridis" is the perceptually uniform choice
+PROB_CMAP = "viridis"         # sequential: a probability reads the same in colour, in grey and to colour-blind eyes
 #: Summary keys (see `dmn_lib.metrics.ThresholdSweep.summary`) -> the paper's column names.
 PAPER_COLUMNS = {"Pr@0.5": "Pr@0.5", "Pr@0.6": "Pr@0.6", "Pr@0.7": "Pr@0.7", "Pr@0.8": "Pr@0.8",
                  "Pr@0.9": "Pr@0.9", "cum_iou": "mIoU"}
@@ -200,11 +205,76 @@ def heatmap(prob: Any, image: Any = None, alpha: float = 0.5, cmap: str = HEATMA
 
 
 # ----------------------------------------------------------------------------------------------
+# Probability maps beside their image
+# ----------------------------------------------------------------------------------------------
+def outline(ax, mask: Any, color: Any = GT_COLOR, linestyle: str = "-", linewidth: float = 1.5,
+            level: float = 0.5):
+    """Draw the `level` contour of a mask (or probability map) on `ax`, with a dark edge so that it reads
+    on any object colour, a green object included. Returns the ContourSet, or None for a constant map
+    (nothing to outline). Notebook 01, §1."""
+    m = _map(mask, "mask")
+    if not (m > level).any() or (m > level).all():  # contour() warns on maps with no crossing
+        return None
+    rgb = _color(color) / 255
+    contour = ax.contour(m, levels=[level], colors=[tuple(rgb)], linewidths=linewidth, linestyles=linestyle)
+    contour.set_path_effects([matplotlib.patheffects.Stroke(linewidth=linewidth + 1.6, foreground="black"),
+                              matplotlib.patheffects.Normal()])
+    return contour
+
+
+def prob_map(ax, prob: Any, threshold: float | None = 0.5, gt: Any = None, cmap: str = PROB_CMAP,
+             colorbar: bool = True, label: str = "probability"):
+    """A probability map on `ax`: `cmap` over the fixed range [0, 1] (with a colorbar unless
+    `colorbar=False`), the `threshold` contour in white (the predicted mask's edge) and, if given, the
+    ground truth's outline in green, dashed. Returns the AxesImage (e.g. for one shared colorbar).
+    Notebook 05, §5."""
+    p = _map(prob, "prob")
+    with matplotlib.rc_context(STYLE):
+        shown = ax.imshow(p, cmap=cmap, vmin=0, vmax=1)
+        if threshold is not None:
+            outline(ax, p, "white", level=threshold)
+        if gt is not None:
+            outline(ax, _map(gt, "gt", p.shape), GT_COLOR, linestyle="--")
+        if colorbar:
+            ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label=label)
+        _bare(ax)
+    return shown
+
+
+def image_and_prob(image: Any, prob: Any, threshold: float | None = 0.5, gt: Any = None,
+                   caption: str | None = None, cmap: str = PROB_CMAP, axes=None,
+                   save: str | Path | None = None) -> Figure:
+    """The image beside its probability map: left the image, untouched but for the outlines (the
+    threshold contour in white, the ground truth in green, dashed); right the map with `cmap`, a
+    colorbar and the same contours. `axes=(ax_image, ax_map)` draws into your axes. This is what
+    `python -m dmn_lib predict` writes as overlay.png. Notebook 06, §5."""
+    img = _image(image)
+    p = _map(prob, "prob", img.shape[:2])
+    gt_map = None if gt is None else _map(gt, "gt", img.shape[:2])
+    fig = axes[0].figure if axes is not None else _figure(6.4, 3.2)
+    with matplotlib.rc_context(STYLE):
+        ax_image, ax_map = axes if axes is not None else fig.subplots(1, 2)
+        ax_image.imshow(img)
+        if threshold is not None:
+            outline(ax_image, p, "white", level=threshold)
+        if gt_map is not None:
+            outline(ax_image, gt_map, GT_COLOR, linestyle="--")
+        _bare(ax_image)
+        ax_image.set_title(_wrap(caption) if caption else "image")
+        prob_map(ax_map, p, threshold, gt_map, cmap=cmap)
+        ax_map.set_title("probability" + (f" (white: > {threshold:g})" if threshold is not None else ""))
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
 # Images with their masks
 # ----------------------------------------------------------------------------------------------
 def show_sample(image: Any, mask: Any, text: str | None, pred: Any = None, ax=None,
                 threshold: float = 0.5, color: Any = PRED_COLOR, save: str | Path | None = None) -> Figure:
-    """One sample: the image, the ground truth as a green outline, the prediction tinted red.
+    """One sample: the image, the ground truth as a green outline (edged in black, so it reads on a green
+    object too), the prediction tinted red.
 
     `mask` may be None (no ground truth). `pred` may be a binary mask or probabilities; with
     both, the title also gives the IoU (probabilities thresholded at `threshold`). `color` tints
@@ -224,8 +294,8 @@ def show_sample(image: Any, mask: Any, text: str | None, pred: Any = None, ax=No
     with matplotlib.rc_context(STYLE):
         ax = ax if ax is not None else fig.add_subplot()
         ax.imshow(shown)
-        if gt is not None and 0 < gt.sum() < gt.size:  # contour() warns on constant maps
-            ax.contour(gt, levels=[0.5], colors=[np.asarray(GT_COLOR) / 255], linewidths=1.5)
+        if gt is not None:
+            outline(ax, gt)
         ax.set_title(title)
         _bare(ax)
     if save is not None:

@@ -72,7 +72,8 @@ def test_predict_writes_mask_and_overlay(trained, capsys, tmp_path):
                               "--query", trained["text"], "--out", tmp_path], capsys)
     assert code == 0, err
     mask, overlay = Image.open(tmp_path / "mask.png"), Image.open(tmp_path / "overlay.png")
-    assert mask.size == overlay.size == (150, 100)  # the input image's own size
+    assert mask.size == (150, 100)  # the input image's own size
+    assert overlay.size[0] > overlay.size[1]  # the image beside its probability map (viz.image_and_prob)
     assert set(np.unique(np.asarray(mask))) <= {0, 255}
     assert json.loads((tmp_path / "prediction.json").read_text())["query"] == trained["text"]
 

@@ -64,6 +64,32 @@ def test_show_sample(sample, tmp_path):
     plt.close(fig2)
 
 
+def test_image_and_prob_puts_the_map_beside_the_image(sample, tmp_path):
+    image, mask, prob = sample
+    fig = viz.image_and_prob(image, prob, threshold=0.5, gt=mask, caption="the $5 bill", save=tmp_path / "p.png")
+    ax_image, ax_map, ax_bar = fig.axes                 # image, map, and the map's colorbar
+    assert (ax_image.images[0].get_array() == image).all()   # the image itself, untinted
+    shown = ax_map.images[0]
+    assert shown.get_cmap().name == viz.PROB_CMAP and shown.get_clim() == (0, 1)  # fixed range, not the data's
+    assert "probability" in ax_bar.get_ylabel()
+    assert len(ax_image.collections) == len(ax_map.collections) == 2   # threshold contour + ground truth
+    assert "5 bill" in ax_image.get_title() and _is_png(tmp_path / "p.png")
+    fig2, axes = plt.subplots(1, 2)                     # into the caller's axes, without a ground truth
+    assert viz.image_and_prob(image, prob, axes=axes) is fig2 and len(axes[0].collections) == 1
+    plt.close(fig2)
+    with pytest.raises(ValueError, match="does not match"):
+        viz.image_and_prob(image, prob[:10])
+
+
+def test_outline_skips_constant_maps_and_keeps_a_dark_edge(sample):
+    image, mask, _ = sample
+    fig, ax = plt.subplots()
+    contour = viz.outline(ax, mask)
+    assert contour is not None and len(contour.get_path_effects()) == 2   # a black stroke under the colour
+    assert viz.outline(ax, np.zeros((H, W))) is None and viz.outline(ax, np.ones((H, W))) is None
+    plt.close(fig)
+
+
 def test_qualitative_grid(sample, tmp_path):
     image, mask, prob = sample
     rows = [(image, prob, mask, "person on left"), (image, 1 - prob, None, "catcher")]

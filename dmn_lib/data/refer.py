@@ -1,6 +1,6 @@
 """The real referring-expression datasets (UNC, UNC+, G-Ref, ReferIt) in the REFER layout.
 
-Taught in notebook 01 (the data; the REFER format). The four datasets of the DMN paper are
+Taught in notebook 12, §3-4 (the REFER format, the restricted unpickler). The four datasets of the DMN paper are
 distributed by lichengunc/refer as one folder per dataset plus the images they annotate:
 
     root/

@@ -2,7 +2,8 @@
 
     logits = DMN(config)(images, tokens, lengths)      # B x 1 x H x W; sigmoid -> mask
 
-Taught across notebooks 02-06 (one module each) and assembled in notebook 07.
+Taught across notebooks 02-06 (one module each) and assembled from them at the end of notebook 06 (MyDMN);
+trained in notebook 07.
 """
 from __future__ import annotations
 
