@@ -37,7 +37,8 @@ def parse():
     p.add_argument("--optimizer", default="adam", choices=("adam", "adamw"))
     p.add_argument("--wd", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=0.0)
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant", "plateau", "linear", "step"))
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant", "plateau", "linear", "step", "wsd"))
+    p.add_argument("--decay-frac", type=float, default=0.25, help="wsd: the last fraction of the run decays linearly to min-lr")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--min-lr", type=float, default=0.0, help="final lr as a fraction of lr (cosine/linear)")
     p.add_argument("--stage1", type=int, default=0, help="steps of stage 1 (low-res loss only, no UM)")
@@ -70,6 +71,9 @@ def lr_factor(args, progress: float, step: int) -> float:
         return (step + 1) / args.warmup
     if args.schedule in ("constant", "plateau"):
         return 1.0
+    if args.schedule == "wsd":  # warm-up, stable, decay: constant lr, then linear decay over the last decay_frac
+        x = min(max((progress - (1 - args.decay_frac)) / args.decay_frac, 0.0), 1.0)
+        return args.min_lr + (1 - args.min_lr) * (1 - x)
     if args.schedule == "step":  # /10 at 70 % and again at 90 %
         return 1.0 if progress < 0.7 else (0.1 if progress < 0.9 else 0.01)
     w = args.warmup / max(args.steps, 1) if not args.time_schedule else 0.0
