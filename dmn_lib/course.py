@@ -6,8 +6,8 @@ sizes and time budget on top (`ModeSettings.run_spec()` is that spec):
     fast    (default) CI and the stored notebook outputs: seconds to ~2 minutes per notebook on
             2 CPU cores. The `fast` spec with 128 px images and 600 training samples; trained
             results are loaded from `results/`.
-    course  a student's laptop CPU: minutes; notebook 07 trains the `course` spec for real, at the
-            192 px of results/course/unc (the model notebooks 08 and 11 load).
+    course  a student's laptop CPU: minutes; notebook 07 trains the `course` spec for real, for 15
+            minutes by the clock at 128 px: the run of results/course/unc15.
     full    a GPU: the `paper` spec (also run by `python -m dmn_lib experiment ... --spec paper`).
 
 Every notebook's parameters cell does
@@ -36,7 +36,7 @@ class ModeSettings:
 
     mode: str
     spec: str  # the named spec this mode runs (dmn_lib.spec)
-    image_size: int  # SynthRef images of the notebooks (192 px: the size of results/course/unc)
+    image_size: int  # SynthRef images of the notebooks (128 px: the course spec's)
     train_size: int  # training samples generated
     eval_size: int  # samples per evaluated split
     train_minutes: float  # wall-clock budget of notebook 07's training run
@@ -69,7 +69,7 @@ def settings(mode: str | None = None) -> ModeSettings:
     table = {
         "fast": dict(spec="fast", image_size=128, train_size=600, eval_size=200, train_minutes=0.75, batch_size=16,
                      num_workers=0, device="cpu"),
-        "course": dict(spec="course", image_size=192, train_size=20000, eval_size=1000, train_minutes=15.0,
+        "course": dict(spec="course", image_size=128, train_size=20000, eval_size=1000, train_minutes=15.0,
                        batch_size=16, num_workers=1, device="cuda" if cuda else "cpu"),
         "full": dict(spec="paper", image_size=192, train_size=60000, eval_size=2000, train_minutes=60.0,
                      batch_size=64, num_workers=8, device="cuda"),
@@ -77,13 +77,14 @@ def settings(mode: str | None = None) -> ModeSettings:
     return ModeSettings(mode, **table[mode])
 
 
-def results_command(variant: str = "unc") -> str:
-    """The commands that make results/course/<variant>/ (notebook 07, §9): the course spec at 192 px for up to
-    15 minutes, then the export. (results/course/unc was made so, then resumed: its run.json says how.)"""
-    return (f".venv/bin/python -m dmn_lib train --spec course --variant {variant} --image-size 192 --val-size 200 "
-            f"--steps-low 150 --steps-high 3000 --batch-size 16 --eval-every 75 --max-minutes 15 --workers 1 "
-            f"--no-progress --out runs/course_{variant}\n"
-            f".venv/bin/python scripts/export_results.py runs/course_{variant} results/course/{variant}")
+def results_command(run: str = "unc") -> str:
+    """The command that makes a committed course run (notebooks print it where the run is missing):
+    "unc" the flagship of notebooks 08 and 11 (the course spec for up to 170 minutes, resumable),
+    "unc15" the 15-minute run of notebook 07 and its image-only twin."""
+    experiment = {"unc": "flagship", "unc15": "unc15"}.get(run)
+    if experiment is None:
+        raise ValueError(f"No committed course run {run!r}; choose 'unc' (the flagship) or 'unc15'")
+    return f".venv/bin/python -m dmn_lib experiment {experiment} --spec course --device cpu --out results/course"
 
 
 def figure_path(name: str) -> Path:
