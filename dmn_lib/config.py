@@ -117,6 +117,10 @@ class DMNConfig:
 _SMALL_DPN = dict(k_sec=(1, 2, 2, 1), inc_sec=(16, 16, 16, 32), k_r=64, groups=16, num_init_features=24)
 _TINY_DPN = dict(k_sec=(1, 1, 1, 1), inc_sec=(8, 8, 8, 8), k_r=32, groups=8, num_init_features=16)
 
+# The course's module sizes (N=4, slim everything, ReLU in the UM), shared by `course` and `small_dpn`.
+_COURSE_SIZES = dict(num_scales=4, embedding_dim=64, lm_hidden=64, lm_layers=2, num_filters=8, sm_channels=128,
+                     msru_hidden=128, msru_layers=2, um_channels=(64, 32, 16, 16), um_activation="relu")
+
 PRESETS: dict[str, dict] = {
     # The paper's sizes (§4.3; docs/design.md, §1): DPN92, N=5, 1000-d everything, K=10, mSRU 1005.
     # g = tanh as the original code (the paper's text says sigmoid, which the sru package does not offer).
@@ -131,32 +135,14 @@ PRESETS: dict[str, dict] = {
         backbone="efficientnet_lite0",
         trim_backbone=True,
         frozen_blocks=2,
-        num_scales=4,
-        embedding_dim=64,
-        lm_hidden=64,
-        lm_layers=2,
-        num_filters=8,
-        sm_channels=128,
-        msru_hidden=128,
-        msru_layers=2,
-        um_channels=(64, 32, 16, 16),
-        um_activation="relu",
+        **_COURSE_SIZES,
     ),
     # The course model before EfficientNet: a small DPN built with timm's DPN constructor, from scratch
     # (the ablation's backbone row).
     "small_dpn": dict(
         backbone="dpn68",
         backbone_kwargs=_SMALL_DPN,
-        num_scales=4,
-        embedding_dim=64,
-        lm_hidden=64,
-        lm_layers=2,
-        num_filters=8,
-        sm_channels=128,
-        msru_hidden=128,
-        msru_layers=2,
-        um_channels=(64, 32, 16, 16),
-        um_activation="relu",
+        **_COURSE_SIZES,
     ),
     # For tests: as small as it gets while keeping every part.
     "tiny": dict(
