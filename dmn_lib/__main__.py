@@ -373,8 +373,8 @@ def add_experiment_parser(sub) -> argparse.ArgumentParser:
                         "image-only twin (results/course/unc15/); flagship = the course's best model "
                         "(results/course/unc/, up to 170 minutes, resumable)")
     p.add_argument("--spec", choices=tuple(SPECS), default=DEFAULT_SPEC,
-                   help="the spec every row overrides (dmn_lib.spec): course = 2 CPU cores, ~10 min a row; "
-                        "paper = the paper's sizes and recipe on a GPU; fast, tiny = seconds, to check the "
+                   help="the spec every row overrides (dmn_lib.spec): course = 2 CPU cores, 15-25 min a row on "
+                        "one core; paper = the paper's sizes and recipe on a GPU; fast, tiny = seconds, to check the "
                         "pipeline (numbers meaningless)")
     p.add_argument("--size", dest="spec", type=lambda v: {"full": "paper"}.get(v, v), help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

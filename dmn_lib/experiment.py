@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -395,6 +396,19 @@ def _run_row_job(args: tuple) -> tuple[str, str, float, float]:
     return experiment, name, run["results"]["val"]["metrics"]["cum_iou"], time.perf_counter() - start
 
 
+def _stop_with_parent(parent: int) -> None:
+    """In a worker of `run_experiment`: end when the experiment's process (pid `parent`) ends (Linux).
+    Without it, killing the command leaves its workers training on, writing into the run folders of the
+    next command."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG: a signal when the parent ends
+    if os.getppid() != parent:  # it ended before this worker got here
+        os._exit(1)
+
+
 def run_experiment(experiments: str | list[str], spec_name: str = "course", out: str | Path = "results/course",
                    device: str = "cpu", jobs: int = 1, threads: int | None = None, progress: bool = True,
                    command: str | None = None, echo: Callable[[str], None] = print,
@@ -440,7 +454,8 @@ def run_experiment(experiments: str | list[str], spec_name: str = "course", out:
     elif pending:
         import multiprocessing
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_stop_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_run_row_job, (e, r, s, kwargs)) for e, r, s in pending]
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
                 experiment, name, iou, seconds = future.result()
@@ -558,6 +573,9 @@ def rnn_summary(out: str | Path) -> dict:
             "testA_cum_iou": run["results"]["testA"]["metrics"]["cum_iou"],
             "parameters": run["parameters"],
             "curve": [(r["time"], r["epoch"], r["val_cum_iou"]) for r in history["val"] if r["stage"] == "high"],
+            # the best guess that never reads the query, on the same val samples (0 for REFER data: none)
+            "word_free_val_cum_iou": max((g["metrics"]["cum_iou"] for g in
+                                          run["results"]["val"].get("word_free", {}).values()), default=0.0),
         }
     return summary
 
@@ -600,10 +618,13 @@ def plot_rnn(out: str | Path, axes=None):
     for n in names:
         t, _, iou = zip(*summary[n]["curve"]) if summary[n]["curve"] else ((), (), ())
         axes[1].plot([x / 60 for x in t], iou, "o-", markersize=3, color=colors[n], label=summary[n]["label"])
+    bound = max((summary[n]["word_free_val_cum_iou"] for n in names), default=0.0)
+    if bound > 0:  # a model at this line has not shown that it reads the words
+        axes[1].axhline(bound, color="0.3", linestyle=":", label=f"best guess without the words ({bound:.2f})")
     axes[1].set_xlabel("wall-clock time (minutes)")
     axes[1].set_ylabel("val cumulative IoU")
     axes[1].set_title("IoU over time (stage 2)")
-    axes[1].legend()
+    axes[1].legend(loc="center right")
     for ax in axes:
         ax.grid(alpha=0.3)
     return axes

@@ -39,7 +39,7 @@ from PIL import Image
 from dmn_lib.metrics import iou
 
 __all__ = [
-    "DPI", "STYLE", "PRED_COLOR", "GT_COLOR", "HEATMAP_CMAP", "PROB_CMAP", "PAPER_COLUMNS",
+    "DPI", "STYLE", "PRED_COLOR", "GT_COLOR", "PROB_CMAP", "PAPER_COLUMNS",
     "overlay", "heatmap", "outline", "prob_map", "image_and_prob", "show_sample", "qualitative_grid", "steps_strip",
     "plot_curves", "threshold_curve", "results_table", "markdown_table", "bar_compare", "save_figure",
 ]
@@ -54,7 +54,6 @@ STYLE = {
 }
 PRED_COLOR = (230, 57, 70)    # red: what the model predicts
 GT_COLOR = (46, 204, 113)     # green: the ground truth
-HEATMAP_CMAP = "jet"          # as the paper's figures; "viridis" is the perceptually uniform choice
 PROB_CMAP = "viridis"         # sequential: a probability reads the same in colour, in grey and to colour-blind eyes
 #: Summary keys (see `dmn_lib.metrics.ThresholdSweep.summary`) -> the paper's column names.
 PAPER_COLUMNS = {"Pr@0.5": "Pr@0.5", "Pr@0.6": "Pr@0.6", "Pr@0.7": "Pr@0.7", "Pr@0.8": "Pr@0.8",
@@ -185,12 +184,13 @@ def overlay(image: Any, mask_or_prob: Any, color: Sequence[float] = PRED_COLOR, 
     return rgb
 
 
-def heatmap(prob: Any, image: Any = None, alpha: float = 0.5, cmap: str = HEATMAP_CMAP,
+def heatmap(prob: Any, image: Any = None, alpha: float = 0.5, cmap: str = PROB_CMAP,
             save: str | Path | None = None) -> np.ndarray:
     """Colour a probability map with `cmap` (0 -> low colour, 1 -> high): uint8 HxWx3.
 
-    With `image`, the colours are blended over it with opacity `alpha`.
-    Notebook 11, §8.
+    With `image`, the colours are blended over it with opacity `alpha`: a thumbnail, not a figure to read
+    (the tint changes the colour the query names); the course's figures put the map beside the image
+    instead (`image_and_prob`, `prob_map`; notebooks 05 and 06), so no notebook uses this one.
     """
     p = _map(prob, "prob")
     rgb = (matplotlib.colormaps[cmap](p)[:, :, :3] * 255).astype(np.float32)
@@ -304,18 +304,20 @@ def show_sample(image: Any, mask: Any, text: str | None, pred: Any = None, ax=No
 
 
 def qualitative_grid(rows: Sequence[Sequence[Any]],
-                     titles: Sequence[str] = ("Original image", "Heatmap", "Ground truth"),
-                     cmap: str = HEATMAP_CMAP, panel: float = 2.0, letters: bool = True,
-                     save: str | Path | None = None) -> Figure:
+                     titles: Sequence[str] = ("Original image", "Probability", "Ground truth"),
+                     cmap: str = PROB_CMAP, threshold: float | None = 0.5, panel: float = 2.0,
+                     letters: bool = True, save: str | Path | None = None) -> Figure:
     """Rows of (image, probability map, ground-truth mask, caption), like the paper's Figs. 8–9.
 
-    Each row: original image | heatmap | ground truth, with its caption (the query) underneath,
-    lettered (a), (b), ... as in the paper. A ground truth of None leaves that panel blank.
+    Each row: the image, untouched | the probability map in `cmap` over [0, 1], its `threshold` contour
+    in white | the ground truth; one colorbar for the whole grid, the caption (the query) under the map,
+    lettered (a), (b), ... as in the paper. A ground truth of None leaves that panel blank. The map sits
+    beside the image, not over it: a tint would change the colour the query names.
     Notebook 11, §5.
     """
     if len(rows) == 0:
         raise ValueError("rows is empty: give at least one (image, prob, gt_mask, caption) row")
-    fig = _figure(3 * panel, len(rows) * (panel + 0.45))
+    fig = _figure(3 * panel + 0.6, len(rows) * (panel + 0.45))
     with matplotlib.rc_context(STYLE):
         axes = fig.subplots(len(rows), 3, squeeze=False)
         for i, row in enumerate(rows):
@@ -323,33 +325,27 @@ def qualitative_grid(rows: Sequence[Sequence[Any]],
                 raise ValueError(f"rows[{i}]: expected (image, prob, gt_mask, caption), got {len(row)} items")
             image, prob, gt, caption = row
             img = _image(image, f"rows[{i}] image")
-            prob = _map(prob, f"rows[{i}] prob", img.shape[:2])
-            panels = [img, prob, None if gt is None else _map(gt, f"rows[{i}] gt", img.shape[:2])]
-            for j, (ax, data) in enumerate(zip(axes[i], panels)):
-                if data is not None:
-                    kw = {} if j == 0 else {"cmap": cmap if j == 1 else "gray", "vmin": 0, "vmax": 1}
-                    ax.imshow(data, **kw)
+            shown = prob_map(axes[i][1], _map(prob, f"rows[{i}] prob", img.shape[:2]), threshold,
+                             cmap=cmap, colorbar=False)
+            axes[i][0].imshow(img)
+            if gt is not None:
+                axes[i][2].imshow(_map(gt, f"rows[{i}] gt", img.shape[:2]), cmap="gray", vmin=0, vmax=1)
+            for j, ax in enumerate(axes[i]):
                 _bare(ax)
                 if i == 0:
                     ax.set_title(titles[j])
             label = f"({chr(97 + i % 26)}) " if letters else ""
             axes[i][1].set_xlabel(_wrap(label + (caption or ""), 48))
+        edge = f" (white: > {threshold:g})" if threshold is not None else ""
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=min(1.0, 2.5 / len(rows)), fraction=0.04, pad=0.02,
+                     label="probability" + edge)
     if save is not None:
         save_figure(fig, save)
     return fig
 
 
-def steps_strip(image: Any, step_probs: Any, words: Sequence[str], gt: Any = None,
-                max_cols: int = 6, cmap: str = HEATMAP_CMAP, panel: float = 1.8,
-                save: str | Path | None = None) -> Figure:
-    """The mask after each word of a query: image | after word 1 | after word 2 | ...
-
-    step_probs: T x H x W (or T x 1 x H x W) probabilities, one per word, e.g. the sigmoid of a
-    model's `return_steps` output for one sample (only its real words, not the padding). Maps
-    smaller than the image (e.g. a stride-32 map) are upsampled bilinearly to it.
-    Notebook 11, §6.
-    """
-    img = _image(image)
+def _check_steps(step_probs: Any, words: Sequence[str], shape: tuple[int, int]) -> torch.Tensor:
+    """step_probs as T x H x W probabilities at the image's size (see `steps_strip`)."""
     steps = torch.as_tensor(_np(step_probs), dtype=torch.float32)
     if steps.ndim == 4 and steps.shape[1] == 1:
         steps = steps[:, 0]
@@ -363,26 +359,44 @@ def steps_strip(image: Any, step_probs: Any, words: Sequence[str], gt: Any = Non
     if steps.min() < 0 or steps.max() > 1:
         raise ValueError(f"step_probs: values must lie in [0, 1], got [{steps.min():.3g}, {steps.max():.3g}] "
                          "(logits? apply torch.sigmoid)")
-    if tuple(steps.shape[1:]) != img.shape[:2]:
-        steps = torch.nn.functional.interpolate(steps[:, None], size=img.shape[:2], mode="bilinear",
+    if tuple(steps.shape[1:]) != shape:
+        steps = torch.nn.functional.interpolate(steps[:, None], size=shape, mode="bilinear",
                                                 align_corners=False)[:, 0].clamp(0, 1)
-    panels = [(img, "input")] + [(heatmap(s, img, cmap=cmap), w) for s, w in zip(steps, words)]
-    cols = max(1, min(max_cols, len(panels)))
-    n_rows = -(-len(panels) // cols)
+    return steps
+
+
+def steps_strip(image: Any, step_probs: Any, words: Sequence[str], gt: Any = None,
+                max_cols: int = 6, cmap: str = PROB_CMAP, threshold: float | None = None, panel: float = 1.8,
+                save: str | Path | None = None) -> Figure:
+    """The mask after each word of a query: image | after word 1 | after word 2 | ...
+
+    step_probs: T x H x W (or T x 1 x H x W) probabilities, one per word, e.g. the sigmoid of a
+    model's `return_steps` output for one sample (only its real words, not the padding). Maps
+    smaller than the image (e.g. a stride-32 map) are upsampled bilinearly to it. Each map is drawn
+    in `cmap` over [0, 1] with one shared colorbar, the ground truth outlined in green (dashed) and,
+    with `threshold`, the predicted mask's edge in white.
+    Notebook 11, §6.
+    """
+    img = _image(image)
+    steps = _check_steps(step_probs, words, img.shape[:2])
+    panels = 1 + len(words)
+    cols = max(1, min(max_cols, panels))
+    n_rows = -(-panels // cols)
     gt_map = None if gt is None else _map(gt, "gt", img.shape[:2])
-    fig = _figure(cols * panel, n_rows * (panel + 0.3) + 0.4)
+    fig = _figure(cols * panel + 0.6, n_rows * (panel + 0.3) + 0.4)
     with matplotlib.rc_context(STYLE):
-        axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
-        for k, ax in enumerate(axes):
+        axes = fig.subplots(n_rows, cols, squeeze=False)
+        flat = axes.ravel()
+        flat[0].imshow(img)
+        flat[0].set_title("input", fontweight="normal")
+        for k, ax in enumerate(flat):
             _bare(ax)
-            if k >= len(panels):
+            if k > len(words):
                 ax.set_visible(False)
-                continue
-            data, label = panels[k]
-            ax.imshow(data)
-            if k > 0 and gt_map is not None and 0 < gt_map.sum() < gt_map.size:
-                ax.contour(gt_map, levels=[0.5], colors=["white"], linewidths=0.8)
-            ax.set_title(label if k == 0 else _wrap(f"{k}. {label}", 20), fontweight="normal" if k == 0 else "bold")
+            elif k > 0:
+                shown = prob_map(ax, steps[k - 1], threshold, gt_map, cmap=cmap, colorbar=False)
+                ax.set_title(_wrap(f"{k}. {words[k - 1]}", 20), fontweight="bold")
+        fig.colorbar(shown, ax=list(flat[1:panels]), fraction=0.05, pad=0.02, label="probability")
         fig.suptitle(_wrap(" ".join(words), 80))
     if save is not None:
         save_figure(fig, save)

@@ -95,6 +95,7 @@ def test_run_experiment_and_report(tmp_path, test_spec, monkeypatch):
     assert 0 <= table.loc["full", "cum IoU"] <= 100
     summary = experiment.rnn_summary(tmp_path)
     assert set(summary) == {"sru", "lstm"} and summary["lstm"]["parameters"] > summary["sru"]["parameters"]
+    assert 0 < summary["sru"]["word_free_val_cum_iou"] == summary["lstm"]["word_free_val_cum_iou"] < 1  # same val set
     lines.clear()
     experiment.run_experiment("rnn", spec_name=test_spec, out=tmp_path, progress=False, echo=lines.append,
                               figures_dir=tmp_path / "figures")

@@ -94,7 +94,10 @@ def test_qualitative_grid(sample, tmp_path):
     image, mask, prob = sample
     rows = [(image, prob, mask, "person on left"), (image, 1 - prob, None, "catcher")]
     fig = viz.qualitative_grid(rows, save=tmp_path / "grid.png")
-    assert len(fig.axes) == 6
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 6 and len(fig.axes) == 7             # 2 rows x 3 panels, one shared colorbar
+    assert fig.axes[1].images[0].get_cmap().name == viz.PROB_CMAP   # a sequential map, not jet
+    assert fig.axes[1].images[0].get_clim() == (0, 1)               # over the fixed range of a probability
     assert fig.axes[0].get_title() == "Original image" and fig.axes[2].get_title() == "Ground truth"
     assert fig.axes[1].get_xlabel() == "(a) person on left"
     assert fig.axes[4].get_xlabel() == "(b) catcher"
@@ -116,8 +119,10 @@ def test_steps_strip(sample, tmp_path):
     words = ["the", "left", "ring"]
     steps = torch.rand(3, 1, 6, 6)                      # low-res steps are upsampled to the image
     fig = viz.steps_strip(image, steps, words, gt=mask, max_cols=3, save=tmp_path / "steps.png")
-    visible = [ax for ax in fig.axes if ax.get_visible()]
+    visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
     assert len(visible) == 4                            # input + one panel per word
+    assert [ax.get_label() for ax in fig.axes].count("<colorbar>") == 1   # one colorbar for all the maps
+    assert visible[1].images[0].get_cmap().name == viz.PROB_CMAP and len(visible[0].images) == 1
     assert [ax.get_title() for ax in visible] == ["input", "1. the", "2. left", "3. ring"]
     assert _is_png(tmp_path / "steps.png")
     with pytest.raises(ValueError, match="words has 2"):
