@@ -371,7 +371,7 @@ def add_experiment_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("experiment", choices=("ablation", "rnn", "table2", "all", "unc15", "flagship", "report"),
                    help="all = the paper's three experiments in one queue; unc15 = the 15-minute run and its "
                         "image-only twin (results/course/unc15/); flagship = the course's best model "
-                        "(results/course/unc/, up to 170 minutes, resumable)")
+                        "(results/course/unc/, 60 minutes of training, resumable)")
     p.add_argument("--spec", choices=tuple(SPECS), default=DEFAULT_SPEC,
                    help="the spec every row overrides (dmn_lib.spec): course = 2 CPU cores, 15-25 min a row on "
                         "one core; paper = the paper's sizes and recipe on a GPU; fast, tiny = seconds, to check the "

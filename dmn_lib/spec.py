@@ -15,7 +15,7 @@ experiments' `--spec`, the folders under results/, and the notebooks' modes (`co
     course  what 2 CPU cores train in about 15 minutes: the course model (EfficientNet-Lite0, ImageNet weights)
             on 128 px images, 150 + 1350 steps of batch 16 with a warm-stable-decay rate (the experiments of
             results/course/; at 128 px the stride-16 map is 8 x 8). The 15-minute run is this spec by the
-            clock (`experiment unc15`), the flagship the same for up to 170 minutes (`experiment flagship`).
+            clock (`experiment unc15`), the flagship the same for 60 minutes (`experiment flagship`).
     paper   the paper: its model sizes (DPN92, 1000-d) and §4.3's recipe (Adam 1e-5, batch 1, plain BCE,
             validation once per epoch) on 320 px images; a GPU run, not yet made
 
