@@ -79,7 +79,7 @@ def settings(mode: str | None = None) -> ModeSettings:
 
 def results_command(run: str = "unc") -> str:
     """The command that makes a committed course run (notebooks print it where the run is missing):
-    "unc" the flagship of notebooks 08 and 11 (the course spec for 60 minutes of training, resumable),
+    "unc" the flagship of notebooks 04, 05, 08 and 11 (the course spec for 60 minutes of training, resumable),
     "unc15" the 15-minute run of notebook 07 and its image-only twin."""
     experiment = {"unc": "flagship", "unc15": "unc15"}.get(run)
     if experiment is None:

@@ -149,7 +149,7 @@ ROWS: dict[str, list[Row]] = {
 # The course's own runs. The 15-minute run (the README's course-mode command, notebook 07's course mode):
 # the course spec by the clock, stage 2's decay ending at 15 minutes of training on whatever machine; beside
 # it the image-only model with the same recipe and time (its val metrics go into the full model's run.json,
-# under "image_only"). The flagship (notebooks 08 and 11): the same recipe for 60 minutes of training.
+# under "image_only"). The flagship (notebooks 04, 05, 08 and 11): the same recipe for 60 minutes of training.
 MINUTES_15 = {"train": {"steps_high": 1_000_000, "max_minutes": 15.0, "lr_schedule_minutes": 15.0}}
 FLAGSHIP = {"train": {"steps_high": 10_000_000, "lr_schedule_minutes": 60.0, "eval_every": 1000}}
 ROWS["unc15"] = [Row("full", "DMN, 15 minutes", MINUTES_15),
