@@ -49,6 +49,8 @@ __all__ = [
     "rows", "row_spec", "run_dir", "eval_splits", "efficientnet_lite0_weights", "run_row", "run_experiment",
     "make_command", "load_runs", "load_history", "run_spec", "spec_name", "spec_label",
     "ablation_table", "by_kind_table", "table2", "rnn_summary", "rnn_table", "plot_ablation", "plot_rnn",
+    "WORD_FREE", "ATTRIBUTES_ONLY", "word_free_bounds", "attributes_only_bounds", "kind_bounds_table",
+    "kind_bounds_by_split",
     "REPORTS", "report",
 ]
 
@@ -243,13 +245,28 @@ def _git_commit() -> str | None:
 # One row: train (resumably), evaluate with the threshold from val, export
 # =============================================================================================
 WORD_FREE = ("all objects (their union)", "the largest object", "a random object")
+#: the guesses of a reader of attributes alone: it reads the target's colour, shape and size words and
+#: ignores its place and its relation, so it can only choose among the objects those words fit
+ATTRIBUTES_ONLY = ("the objects its attributes fit (their union)", "the largest of them", "a random one of them")
 
 
-def word_free_bounds(data, split: str, size: int | None = None, cache_dir: str | Path | None = None) -> dict:
-    """The guesses that never read the query, on the samples a row is evaluated on (notebook 07, §6):
-    {guess: {"metrics": ..., "by_kind": ...}} for the union of all objects, the largest object and a random
-    one (seed 0). A model must beat them to show it reads the words. SynthRef only ({} for REFER data).
-    `cache_dir`: kept there as JSON, since every row of an experiment is evaluated on the same samples."""
+def _word_free_guesses(masks, meta, rng) -> tuple:
+    # the union of all objects, the largest, a random one: none of them looks at the query
+    return masks.any(0), masks[masks.sum((1, 2)).argmax()], masks[rng.integers(len(masks))]
+
+
+def _attributes_only_guesses(masks, meta, rng) -> tuple:
+    # the same three guesses among the objects that have every attribute the description names
+    # (synthetic.fits_attributes); the description's location and relation are never read
+    from dmn_lib.data.synthetic import fits_attributes
+
+    fit = [k for k, obj in enumerate(meta["objects"]) if fits_attributes(obj, meta["description"])]  # the target too
+    return masks[fit].any(0), masks[fit][masks[fit].sum((1, 2)).argmax()], masks[fit[rng.integers(len(fit))]]
+
+
+def _guess_bounds(data, split, size, cache_dir, names, guesses_of, prefix="") -> dict:
+    """{guess: {"metrics": ..., "by_kind": ...}} for the guesses `guesses_of(masks, meta, rng)` makes on
+    each sample (seed 0), cached as JSON in `cache_dir`. SynthRef only ({} for REFER data)."""
     import numpy as np
 
     from dmn_lib.data.datasets import make_dataset
@@ -258,18 +275,17 @@ def word_free_bounds(data, split: str, size: int | None = None, cache_dir: str |
     if data.source != "synthref":
         return {}
     ds, rng = make_dataset(data, split, size), np.random.default_rng(0)
-    cached = Path(cache_dir or ".") / f"{data.variant}_{split}_{len(ds)}_{data.image_size}px_seed{data.data_seed}.json"
+    cached = (Path(cache_dir or ".") /
+              f"{prefix}{data.variant}_{split}_{len(ds)}_{data.image_size}px_seed{data.data_seed}.json")
     if cache_dir and cached.is_file():
         return json.loads(cached.read_text())
-    sweeps = {name: ThresholdSweep([0.5]) for name in WORD_FREE}
+    sweeps = {name: ThresholdSweep([0.5]) for name in names}
     for i in range(len(ds)):
         masks = np.stack(ds.instance_masks(i))
         meta = ds.scene(i)[0]
         target = torch.from_numpy(masks[meta["target"]])[None]
-        row = [{"kind": meta["kind"]}]
-        guesses = (masks.any(0), masks[masks.sum((1, 2)).argmax()], masks[rng.integers(len(masks))])
-        for name, guess in zip(WORD_FREE, guesses):
-            sweeps[name].update(torch.from_numpy(guess)[None].float(), target, row)
+        for name, guess in zip(names, guesses_of(masks, meta, rng)):
+            sweeps[name].update(torch.from_numpy(guess)[None].float(), target, [{"kind": meta["kind"]}])
     bounds = {name: {"metrics": s.summary(0.5), "by_kind": {str(k): v for k, v in s.summary_by("kind", 0.5).items()}}
               for name, s in sweeps.items()}
     if cache_dir:
@@ -277,6 +293,40 @@ def word_free_bounds(data, split: str, size: int | None = None, cache_dir: str |
 
         write_json(cached, bounds)  # atomic: rows trained side by side may write it at once
     return bounds
+
+
+def word_free_bounds(data, split: str, size: int | None = None, cache_dir: str | Path | None = None) -> dict:
+    """The guesses that never read the query, on the samples a row is evaluated on (notebook 07, §6):
+    {guess: {"metrics": ..., "by_kind": ...}} for the union of all objects, the largest object and a random
+    one (seed 0). A model must beat them to show it reads the words. SynthRef only ({} for REFER data).
+    `cache_dir`: kept there as JSON, since every row of an experiment is evaluated on the same samples."""
+    return _guess_bounds(data, split, size, cache_dir, WORD_FREE, _word_free_guesses)
+
+
+def attributes_only_bounds(data, split: str, size: int | None = None, cache_dir: str | Path | None = None) -> dict:
+    """What a reader of attributes alone could reach (notebook 08, §6): the guesses of `word_free_bounds`
+    made among the objects that fit the target's colour, shape and size words, its place and relation
+    ignored. A model beats them on location and relation queries only by reading place words. On attribute
+    queries the attributes are the whole description, so there they fit the target alone (the bound is 1)."""
+    return _guess_bounds(data, split, size, cache_dir, ATTRIBUTES_ONLY, _attributes_only_guesses, "attributes_only_")
+
+
+def kind_bounds_table(run: dict, split: str = "val", cache_dir: str | Path | None = None):
+    """A run's per-kind cumulative IoU and Pr@0.5 beside the best word-free guess and the best guess of a
+    reader of attributes alone (each metric the best of the three guesses): a pandas DataFrame, rows =
+    kinds, columns = (metric, reader). Notebook 08, §6."""
+    import pandas as pd
+
+    spec, n = run_spec(run), run["results"][split]["metrics"]["n"]
+    readers = {"model": {"": {"by_kind": run["results"][split]["by_kind"]}},
+               "no words": word_free_bounds(spec.data, split, n, cache_dir),
+               "attributes only": attributes_only_bounds(spec.data, split, n, cache_dir)}
+    table = {}
+    for metric, key in (("cum IoU", "cum_iou"), ("Pr@0.5", "Pr@0.5")):
+        for reader, guesses in readers.items():
+            table[(metric, reader)] = {kind: max(g["by_kind"][kind][key] for g in guesses.values())
+                                       for kind in run["results"][split]["by_kind"]}
+    return pd.DataFrame(table)
 
 
 #: where each split's threshold is picked (the paper: "optimal thresholds from the training or validation
@@ -710,6 +760,24 @@ def report(out: str | Path, experiments: list[str] | None = None, figures_dir: s
             fig = make_figure(out, name)
             written.append(save_figure(fig, Path(figures_dir) / f"results_{name}_{stem}.png"))
             plt.close(fig)
+    for folder in ("unc15", "unc"):  # the course's own runs: per kind, beside what readers of less could reach
+        if (out / folder / "run.json").is_file():
+            path = out / folder / "by_kind.md"
+            path.write_text(markdown_table(kind_bounds_by_split(out, folder), digits=3) + "\n")
+            written.append(path)
     for path in written:
         echo(f"wrote {path}")
     return written
+
+
+def kind_bounds_by_split(out: str | Path, folder: str = "unc"):
+    """`kind_bounds_table` for every split of the run in OUT/<folder>/ (the flagship: "unc"), one row per
+    (split, kind), its columns flattened ("cum IoU: model", ...). `experiment report` writes it as
+    OUT/<folder>/by_kind.md. Notebook 08, §6."""
+    import pandas as pd
+
+    run = json.loads((Path(out) / folder / "run.json").read_text())
+    tables = {split: kind_bounds_table(run, split, Path(out) / "word_free") for split in run["results"]}
+    frame = pd.concat(tables, names=["split", "kind"])
+    frame.columns = [f"{metric}: {reader}" for metric, reader in frame.columns]
+    return frame

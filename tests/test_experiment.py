@@ -184,3 +184,41 @@ def test_the_15_minute_run_records_its_image_only_twin(tmp_path, test_spec, monk
     assert record["progress"]["elapsed"] > 0 and record["extra"]["data"]["val_size"] == SPECS["tiny"].data.val_size
     assert set(record["results"]["val"]["word_free"]) == set(experiment.WORD_FREE)
     assert record["results"]["val"]["threshold_from"] == "train subset"
+
+
+def test_attributes_only_reader_guesses_among_the_objects_its_words_fit():
+    """The reader of attributes alone never reads the place: on "the left red square" with two red squares it
+    can only guess between them; on an attribute query its union is the target itself."""
+    import numpy as np
+
+    from dmn_lib.data.synthetic import make_description
+
+    def obj(shape, color, size):
+        return {"kind": "object", "shape": shape, "color": color, "size": size}
+
+    objects = [obj("square", "red", "large"), obj("circle", "red", "large"), obj("square", "red", "small"),
+               obj("square", "blue", "large")]
+    masks = np.zeros((4, 8, 8), bool)
+    for k, area in enumerate((4, 16, 9, 25)):  # object k covers `area` pixels of its own row band
+        masks[k].flat[k * 16:k * 16 + area] = True
+    place = {"objects": objects, "description": make_description(shape="square", color="red", location="left")}
+    union, largest, random_one = experiment._attributes_only_guesses(masks, place, np.random.default_rng(0))
+    assert (union == (masks[0] | masks[2])).all()          # the two red squares, not the circle or the blue one
+    assert (largest == masks[2]).all()                     # the larger red square (9 pixels against 4)
+    assert any((random_one == masks[k]).all() for k in (0, 2))
+    words = {"objects": objects, "description": make_description(shape="circle", color="red")}
+    assert (experiment._attributes_only_guesses(masks, words, np.random.default_rng(0))[0] == masks[1]).all()
+
+
+def test_kind_bounds_table_of_the_flagship():
+    """The committed flagship's per-kind table from the cached bounds: the model above the word-free guesses on
+    every kind, and above the attributes-only reader on the kinds that need place words."""
+    committed = experiment.REPO_ROOT / "results" / "course"
+    run = json.loads((committed / "unc" / "run.json").read_text())
+    table = experiment.kind_bounds_table(run, "val", cache_dir=committed / "word_free")
+    assert list(table.index) == ["attribute", "location", "relation"]
+    for metric in ("cum IoU", "Pr@0.5"):
+        assert (table[(metric, "model")] > table[(metric, "no words")]).all()
+        assert (table[(metric, "attributes only")]["attribute"]) == 1.0  # attributes are the whole description
+        for kind in ("location", "relation"):
+            assert table[(metric, "model")][kind] > table[(metric, "attributes only")][kind], (metric, kind)
