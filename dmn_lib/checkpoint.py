@@ -92,7 +92,7 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
 
     We write a temporary file in the same folder (os.replace is only atomic within one file
     system), flush it to disk with fsync, then rename it over the target.
-    Notebook 07, §8.
+    Notebook 12, §5 (used in notebook 07, §8).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

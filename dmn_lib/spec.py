@@ -187,6 +187,11 @@ class TrainConfig(_Fields):
         if problems:
             raise ValueError("Invalid TrainConfig: " + "; ".join(problems))
 
+    def validation_size(self, n_val: int) -> int:
+        """How many of `n_val` val samples one validation reads: the first eval_batches x batch_size, or all of
+        them (eval_batches=0). Its threshold is picked on those. Notebook 08, §4."""
+        return min(n_val, self.eval_batches * self.batch_size) if self.eval_batches else n_val
+
 
 # =============================================================================================
 # A run: model + data + training; the named specs

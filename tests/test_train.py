@@ -332,3 +332,12 @@ def test_a_schedule_by_the_clock_decays_by_the_end_of_the_budget(data, tmp_path)
     high = [r["lr"] for r in history["train"] if r["stage"] == "high"]
     assert len(high) >= 3 and high[0] == pytest.approx(config.lr)  # stable first...
     assert high[-1] < 0.5 * config.lr  # ...then down towards 0 as the budget runs out
+
+
+@pytest.mark.parametrize("eval_batches", [0, 2, 100])
+def test_validation_size_is_what_a_validation_reads(data, eval_batches):
+    train_set, val_set, vocab = data  # 48 val samples
+    config = TrainConfig(steps_low=1, batch_size=5, eval_batches=eval_batches, progress=False, out_dir=None)
+    trainer = Trainer(tiny_model(vocab), train_set, vocab, config, val_set=val_set)
+    read = sum(len(batch) for batch in trainer.val_loader.batch_sampler)
+    assert config.validation_size(len(val_set)) == read == {0: 48, 2: 10, 100: 48}[eval_batches]
