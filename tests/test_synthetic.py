@@ -311,3 +311,15 @@ def test_cache_returns_the_same_samples_without_rendering_again(monkeypatch):
     assert cached.raw(2)[0].any()
     monkeypatch.undo()
     np.testing.assert_array_equal(plain.raw(2)[0], first[0])
+
+
+def test_of_kinds_keeps_the_samples_of_those_kinds():
+    from dmn_lib.data.synthetic import of_kinds
+
+    ds = SynthRef("unc", "val", size=40, image_size=64)
+    attributes = of_kinds(ds, ("attribute",))
+    assert 0 < len(attributes) < len(ds) and of_kinds(ds, ()) is ds
+    assert all(ds.scene(i)[0]["kind"] == "attribute" for i in attributes.indices)
+    assert len(of_kinds(ds, ("attribute", "location", "relation"))) == len(ds)
+    with pytest.raises(ValueError, match="Unknown expression kinds.*'place'"):
+        of_kinds(ds, ("place",))

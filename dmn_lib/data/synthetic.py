@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from dmn_lib.data.transforms import image_to_tensor, mask_to_tensor
 from dmn_lib.data.vocab import tokenize
@@ -887,3 +887,16 @@ class SynthRef(Dataset):
     def __getitem__(self, index: int) -> dict:
         image, mask, text, meta = self.raw(index)
         return {"image": image_to_tensor(image), "mask": mask_to_tensor(mask), "text": text, "meta": meta}
+
+
+def of_kinds(dataset: SynthRef, kinds) -> Dataset:
+    """The samples of `dataset` whose expression is of one of `kinds` ("attribute", "location", "relation",
+    "stuff"), as a torch Subset; the whole dataset if `kinds` is empty. Read from the scene descriptions:
+    nothing is rendered. Notebook 07, §0 (fast mode trains on the attribute queries)."""
+    if not kinds:
+        return dataset
+    known = set(KIND_MIX[dataset.variant])
+    if set(kinds) - known:
+        raise ValueError(f"Unknown expression kinds {sorted(set(kinds) - known)} for SynthRef "
+                         f"{dataset.variant!r}; choose from {sorted(known)}")
+    return Subset(dataset, [i for i in range(len(dataset)) if dataset.scene(i)[0]["kind"] in kinds])
