@@ -304,7 +304,7 @@ def word_free_bounds(data, split: str, size: int | None = None, cache_dir: str |
 
 
 def attributes_only_bounds(data, split: str, size: int | None = None, cache_dir: str | Path | None = None) -> dict:
-    """What a reader of attributes alone could reach (notebook 08, §6): the guesses of `word_free_bounds`
+    """What a reader of attributes alone could reach (notebook 08, §5): the guesses of `word_free_bounds`
     made among the objects that fit the target's colour, shape and size words, its place and relation
     ignored. A model beats them on location and relation queries only by reading place words. On attribute
     queries the attributes are the whole description, so there they fit the target alone (the bound is 1)."""
@@ -314,7 +314,7 @@ def attributes_only_bounds(data, split: str, size: int | None = None, cache_dir:
 def kind_bounds_table(run: dict, split: str = "val", cache_dir: str | Path | None = None):
     """A run's per-kind cumulative IoU and Pr@0.5 beside the best word-free guess and the best guess of a
     reader of attributes alone (each metric the best of the three guesses): a pandas DataFrame, rows =
-    kinds, columns = (metric, reader). Notebook 08, §6."""
+    kinds, columns = (metric, reader). Notebook 08, §5."""
     import pandas as pd
 
     spec, n = run_spec(run), run["results"][split]["metrics"]["n"]
@@ -773,7 +773,7 @@ def report(out: str | Path, experiments: list[str] | None = None, figures_dir: s
 def kind_bounds_by_split(out: str | Path, folder: str = "unc"):
     """`kind_bounds_table` for every split of the run in OUT/<folder>/ (the flagship: "unc"), one row per
     (split, kind), its columns flattened ("cum IoU: model", ...). `experiment report` writes it as
-    OUT/<folder>/by_kind.md. Notebook 08, §6."""
+    OUT/<folder>/by_kind.md. Notebook 08, §5."""
     import pandas as pd
 
     run = json.loads((Path(out) / folder / "run.json").read_text())
