@@ -47,7 +47,8 @@ from dmn_lib.weights import efficientnet_lite0_weights
 __all__ = [
     "EXPERIMENTS", "ROWS", "Row", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_RNN_PARAMETERS", "PRECISIONS",
     "rows", "row_spec", "run_dir", "eval_splits", "efficientnet_lite0_weights", "run_row", "run_experiment",
-    "make_command", "load_runs", "load_history", "run_spec", "spec_name", "spec_label",
+    "make_command", "load_runs", "load_history", "run_spec", "spec_name", "spec_label", "recipe_fields",
+    "recipe_difference",
     "ablation_table", "by_kind_table", "table2", "rnn_summary", "rnn_table", "plot_ablation", "plot_rnn",
     "WORD_FREE", "ATTRIBUTES_ONLY", "word_free_bounds", "attributes_only_bounds", "kind_bounds_table",
     "kind_bounds_by_split",
@@ -221,12 +222,28 @@ def spec_label(run: dict) -> str:
 _SYSTEM_FIELDS = {"model": ("vocab_size", "pretrained_file"), "train": ("out_dir", "device", "progress", "num_workers")}
 
 
-def _result_fields(run: RunSpec) -> dict:
+def recipe_fields(run: RunSpec) -> dict:
+    """A run spec as a dict without the fields that cannot change its result (where it runs and writes, what it
+    prints): two runs with equal recipe fields train the same model. Notebook 09, §6 (exercise 2)."""
     d = json.loads(json.dumps(run.to_dict()))  # tuples and lists alike, as run.json stores them
     for part, names in _SYSTEM_FIELDS.items():
         for name in names:
             d[part].pop(name)
     return d
+
+
+def recipe_difference(a: RunSpec, b: RunSpec) -> list[str]:
+    """The recipe fields in which two run specs differ, as sorted "part.field" names, e.g. ["train.pos_weight"].
+    Notebook 09, §6 (exercise 2)."""
+    fa, fb = recipe_fields(a), recipe_fields(b)
+    names = []
+    for part in sorted(set(fa) | set(fb)):
+        da, db = fa.get(part), fb.get(part)
+        if isinstance(da, dict) and isinstance(db, dict):
+            names += [f"{part}.{k}" for k in sorted(set(da) | set(db)) if da.get(k, None) != db.get(k, None)]
+        elif da != db:
+            names.append(part)
+    return names
 
 
 def _is_done(folder: Path) -> bool:
@@ -381,7 +398,7 @@ def run_row(experiment: str, row: Row, spec_name: str = "course", out: str | Pat
     run = row_spec(row, spec_name, seed).override(train=where)
     if (folder / "run.json").is_file():
         saved = json.loads((folder / "run.json").read_text())
-        if _result_fields(run_spec(saved)) != _result_fields(run):
+        if recipe_fields(run_spec(saved)) != recipe_fields(run):
             raise ckpt.CheckpointError(  # a RuntimeError the CLI reports in one line
                 f"{folder} holds a run made with other settings (spec or row). Use another --out, "
                 f"or delete {folder} to train this row again.")

@@ -44,6 +44,17 @@ def test_shared_runs_live_in_their_owners_folder(tmp_path):
         experiment.rows("table3")
 
 
+def test_recipe_difference_names_what_changes_the_result():
+    full = experiment.row_spec(row("ablation", "full"), "fast")
+    where = full.override(train={"out_dir": "/elsewhere", "device": "cuda", "progress": False})
+    assert experiment.recipe_difference(full, where) == [], "where a run runs is not part of its recipe"
+    assert experiment.recipe_fields(full) == experiment.recipe_fields(where)
+    mine = full.override(train={"pos_weight": 1.0}, model={"rnn": "lstm"})
+    assert experiment.recipe_difference(full, mine) == ["model.rnn", "train.pos_weight"]
+    seed1 = experiment.row_spec(row("ablation", "full"), "fast", 1)
+    assert experiment.recipe_difference(full, seed1) == ["data.data_seed", "train.seed"], "a seed draws new scenes"
+
+
 def test_run_row_writes_results_and_skips_or_resumes(tmp_path, test_spec, monkeypatch):
     r = row("ablation", "no_loc")
     run = experiment.run_row("ablation", r, test_spec, out=tmp_path, progress=False, command="test")
@@ -158,7 +169,7 @@ def test_committed_results_are_read_as_done(tmp_path):
     assert {"full", "only_vm"} <= set(runs) <= {r.name for r in experiment.rows("ablation")}
     for name, run in runs.items():
         row = next(r for r in experiment.rows("ablation") if r.name == name)
-        assert experiment._result_fields(experiment.run_spec(run)) == experiment._result_fields(
+        assert experiment.recipe_fields(experiment.run_spec(run)) == experiment.recipe_fields(
             experiment.row_spec(row, "course")), name
         assert experiment.spec_name(run) == "course" and "128 px" in experiment.spec_label(run)
     assert experiment.run_spec(runs["full"]).data == spec("course").data
