@@ -224,7 +224,10 @@ _SYSTEM_FIELDS = {"model": ("vocab_size", "pretrained_file"), "train": ("out_dir
 
 def recipe_fields(run: RunSpec) -> dict:
     """A run spec as a dict without the fields that cannot change its result (where it runs and writes, what it
-    prints): two runs with equal recipe fields train the same model. Notebook 09, §6 (exercise 2)."""
+    prints): two runs with equal recipe fields train the same model. Notebook 09, exercise 2."""
+    if not isinstance(run, RunSpec):
+        raise TypeError(f"recipe_fields takes a RunSpec, not a {type(run).__name__}; for a run.json dict, "
+                        "pass run_spec(run)")
     d = json.loads(json.dumps(run.to_dict()))  # tuples and lists alike, as run.json stores them
     for part, names in _SYSTEM_FIELDS.items():
         for name in names:
@@ -234,13 +237,13 @@ def recipe_fields(run: RunSpec) -> dict:
 
 def recipe_difference(a: RunSpec, b: RunSpec) -> list[str]:
     """The recipe fields in which two run specs differ, as sorted "part.field" names, e.g. ["train.pos_weight"].
-    Notebook 09, §6 (exercise 2)."""
+    Notebook 09, exercise 2."""
     fa, fb = recipe_fields(a), recipe_fields(b)
     names = []
     for part in sorted(set(fa) | set(fb)):
         da, db = fa.get(part), fb.get(part)
         if isinstance(da, dict) and isinstance(db, dict):
-            names += [f"{part}.{k}" for k in sorted(set(da) | set(db)) if da.get(k, None) != db.get(k, None)]
+            names += [f"{part}.{k}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
         elif da != db:
             names.append(part)
     return names

@@ -53,6 +53,8 @@ def test_recipe_difference_names_what_changes_the_result():
     assert experiment.recipe_difference(full, mine) == ["model.rnn", "train.pos_weight"]
     seed1 = experiment.row_spec(row("ablation", "full"), "fast", 1)
     assert experiment.recipe_difference(full, seed1) == ["data.data_seed", "train.seed"], "a seed draws new scenes"
+    with pytest.raises(TypeError, match="run_spec"):
+        experiment.recipe_difference(full, full.to_dict())  # a run.json dict: convert it with run_spec first
 
 
 def test_run_row_writes_results_and_skips_or_resumes(tmp_path, test_spec, monkeypatch):
